@@ -1,0 +1,61 @@
+"""The only two places where EvalGuard touches Lightning internals.
+
+Each is tested by ``tests/test_lightning_private.py``, which fails loudly when an upgrade moves them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+
+def on_before_batch_transfer(pl_module: pl.LightningModule, batch: Any) -> Any:
+    """Run ``on_before_batch_transfer`` as the training loop does (``loops/training_epoch_loop.py``).
+
+    Lightning has no public call for it: the private method picks the datamodule's hook or the module's, and sets
+    the hook name that the profiler and ``self.log`` validation read.
+
+    Args:
+        pl_module: The LightningModule.
+        batch: The batch from the loader, after ``precision_plugin.convert_input``.
+
+    Returns:
+        The batch the hook returned.
+    """
+    return pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+
+
+class LoggedFlags(NamedTuple):
+    """How a key was logged: the hook (``fx``) and the ``on_step``/``on_epoch`` flags."""
+
+    fx: str
+    on_step: bool
+    on_epoch: bool
+
+
+def logged_flags(trainer: pl.Trainer) -> dict[str, LoggedFlags]:
+    """How each key of the running stage was logged, read from the trainer's private result collection.
+
+    Public API exposes only the values (``trainer.callback_metrics``), not whether a key holds an epoch aggregate
+    or the last batch's value. Used for a warning only: if the internals move, this returns ``{}`` and the warning
+    is not given, and ``tests/test_lightning_private.py`` fails.
+
+    Args:
+        trainer: The Trainer.
+
+    Returns:
+        ``{logged name: LoggedFlags}``.
+    """
+    results = getattr(trainer, "_results", None)
+    if results is None:
+        return {}
+    flags: dict[str, LoggedFlags] = {}
+    try:
+        for result in results.values():
+            meta = result.meta
+            flags[meta.name] = LoggedFlags(str(meta.fx), bool(meta.on_step), bool(meta.on_epoch))
+    except AttributeError:
+        return {}
+    return flags

@@ -1,0 +1,440 @@
+"""EvalGuard: a clean pass over the training set at the end of training epochs, and its gap to the running metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import sys
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Union
+
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+from torchmetrics import Metric, MetricCollection
+from typing_extensions import override
+
+from lightning_evalguard import arguments
+from lightning_evalguard._lightning import logged_flags
+from lightning_evalguard.clean_pass import ForwardFn, default_forward, run_pass
+from lightning_evalguard.data import (
+    CleanSource,
+    fixed_subset,
+    is_iterable_dataset,
+    named_loaders,
+    rebuild_loader,
+    resolve_batch_size,
+    shard,
+    transform_holders,
+    user_clean_loader,
+    validation_transform,
+)
+from lightning_evalguard.isolation import (
+    eval_mode,
+    isolated_rng,
+    preserved_buffers,
+    swapped_attribute,
+    trainer_not_training,
+)
+from lightning_evalguard.metrics import clean_collection, flatten_scalars, join_key, running_candidates
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["EvalGuard", "EvalGuardWarning"]
+
+
+class EvalGuardWarning(UserWarning):
+    """A set-up that makes EvalGuard's comparison wrong or impossible (given once, on rank zero)."""
+
+
+class EvalGuard(Callback):
+    r"""Measure the training set cleanly at the end of training epochs and log the gap to the running metrics.
+
+    After every ``every_n_epochs``-th training epoch, EvalGuard runs the model over the training data with every
+    module in eval mode, under ``torch.inference_mode()``, with augmentation off, and measures it with clones of
+    ``metrics``. It logs, through the LightningModule (so every attached logger and ``trainer.callback_metrics``
+    receive them at the step of the epoch-level train metrics):
+
+    - ``<prefix>/clean/<name>``: the metric over the training data, eval mode, augmentation off;
+    - ``<prefix>/running/<name>``: the running train metric it is compared with;
+    - ``<prefix>/gap/<name>``: clean - running.
+
+    With several training loaders, ``<name>`` is ``<loader name or index>/<name>``; a metric computing a vector
+    logs element ``i`` as ``<name>/i``.
+
+    The pass changes nothing in training: each submodule's ``training`` flag, every buffer, the global RNG states
+    (torch, CUDA, numpy, Python), the trainer's stage and the dataset's transform are put back afterwards, also when
+    the pass raises.
+
+    Augmentation is switched off, in this order of precedence, by ``dataloader=``; a ``clean_train_dataloader()``
+    method on the LightningDataModule or else on the LightningModule; or a loader EvalGuard rebuilds over the
+    training dataset with ``eval_transform`` set on its ``transform_attr``. In every case ``trainer.training`` is
+    False while batches pass through the batch-transfer hooks, so batch-level augmentation gated on it is skipped.
+
+    Args:
+        metrics: A torchmetrics ``Metric``, a ``MetricCollection``, or a mapping of names to ``Metric`` objects.
+            They are cloned; the objects passed are never updated. Names are the mapping's keys, or the names
+            ``MetricCollection`` gives (the class name, with the collection's prefix and postfix).
+        dataloader: An explicit clean loader, or a callable building one from the Trainer (called once per fit).
+        eval_transform: A transform set on the training dataset's ``transform_attr`` during the pass (looked for
+            through ``Subset`` and ``ConcatDataset``), or ``"val"`` to take the validation dataset's.
+        transform_attr: The name of the dataset's transform attribute.
+        running: Metric name -> key in ``trainer.callback_metrics`` of the running metric. Without it, the first of
+            ``train_<name>``, ``train/<name>``, ``train_<name>_epoch``, ``train/<name>_epoch`` is used.
+        forward: ``(module, batch) -> (preds, target)``. The default takes ``(inputs, target, ...)`` batches and
+            returns ``(module(inputs), target)``.
+        every_n_epochs: Run the pass after epochs where ``(current_epoch + 1) % every_n_epochs == 0``.
+        limit_batches: Evaluate a fixed random subset, drawn once from ``seed``: a float in (0, 1] is a fraction of
+            the samples, an int a number of clean-pass batches. With ``dataloader=`` or the hook, the loader's
+            first batches are taken instead. None evaluates everything.
+        batch_size: The clean-pass batch size of a rebuilt loader; default: the training loader's.
+        prefix: The first part of every logged key.
+        seed: Seeds the subset draw and the clean loader's own generator.
+
+    Raises:
+        TypeError: If an argument has the wrong type (the message names it, what was expected and what was given).
+        ValueError: If an argument has a wrong value, e.g. ``every_n_epochs=0`` or ``limit_batches=1.5``.
+        MisconfigurationException: Never; Lightning's own errors pass through unchanged.
+
+    At fit start (before the first training step) a ``TypeError``/``ValueError`` says what to pass when the clean
+    data cannot be built: an ``IterableDataset`` without ``dataloader=``, the hook or an int ``limit_batches``; an
+    ``eval_transform`` with no ``transform_attr`` to set; a training loader without a readable batch size. An
+    exception inside the pass propagates unchanged, with a note naming EvalGuard and the epoch.
+
+    Attributes:
+        history: One dict per evaluated epoch:
+            ``{"epoch", "step", "clean": {name: float}, "running": {...}, "gap": {...}}``.
+
+    Example::
+
+        from torchmetrics.classification import MulticlassAccuracy
+        from lightning_evalguard import EvalGuard
+
+        guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=10)}, eval_transform="val")
+        trainer = Trainer(callbacks=[guard])  # logs evalguard/clean/acc, evalguard/running/acc, evalguard/gap/acc
+    """
+
+    def __init__(
+        self,
+        metrics: Union[Metric, MetricCollection, Mapping[str, Metric]],
+        *,
+        dataloader: Union[DataLoader[Any], Callable[[pl.Trainer], DataLoader[Any]], None] = None,
+        eval_transform: Union[Callable[..., Any], str, None] = None,
+        transform_attr: str = "transform",
+        running: Union[Mapping[str, str], None] = None,
+        forward: Union[ForwardFn, None] = None,
+        every_n_epochs: int = 1,
+        limit_batches: Union[int, float, None] = None,
+        batch_size: Union[int, None] = None,
+        prefix: str = "evalguard",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self._template = clean_collection(metrics)
+        self.metric_names: list[str] = [str(name) for name in self._template.keys()]
+        self.dataloader = arguments.check_dataloader(dataloader)
+        self.eval_transform = arguments.check_eval_transform(eval_transform)
+        self.transform_attr = arguments.check_str("transform_attr", transform_attr, allow_empty=False)
+        self.running = arguments.check_running(running, self.metric_names)
+        self.forward: ForwardFn = arguments.check_forward(forward) or default_forward
+        self.every_n_epochs = arguments.check_every_n_epochs(every_n_epochs)
+        self.limit_batches = arguments.check_limit_batches(limit_batches)
+        self.batch_size = arguments.check_batch_size(batch_size)
+        self.prefix = arguments.check_str("prefix", prefix, allow_empty=True)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"`seed` must be an int (got {seed!r} that is a {type(seed).__name__}).")
+        self.seed = seed
+
+        self.history: list[dict[str, Any]] = []
+        self._subsets: dict[str, list[int]] = {}
+        self._sources: list[CleanSource] | None = None
+        self._sources_for_loaders: Any = None
+        self._metrics: dict[str | None, MetricCollection] = {}
+        self._warned: set[str] = set()
+        self._running_read: dict[str, tuple[str | None, float | None]] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix)
+
+    # ------------------------------------------------------------------ hooks
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == TrainerFn.FITTING:
+            self._sources = None
+            self._sources_for_loaders = None
+            self._running_read = {}
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Build (and so check) the clean data before the first training step, isolated from the training RNG.
+        with isolated_rng():
+            self._clean_sources(trainer, pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_running_read(trainer)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_running_read(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._due(trainer):
+            return
+        epoch = trainer.current_epoch
+        try:
+            with isolated_rng():
+                clean = self._measure(trainer, pl_module)
+        except Exception as exc:
+            _add_note(
+                exc,
+                f"Raised inside EvalGuard's clean pass after training epoch {epoch}. Module modes, buffers, RNG"
+                " states, the trainer's stage and the dataset's transform were restored.",
+            )
+            raise
+        if clean:
+            self._log(trainer, pl_module, clean)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": copy.deepcopy(self.history), "subsets": {k: list(v) for k, v in self._subsets.items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = copy.deepcopy(list(state_dict.get("history", [])))
+        self._subsets = {str(k): [int(i) for i in v] for k, v in dict(state_dict.get("subsets", {})).items()}
+
+    # --------------------------------------------------------------- the pass
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        return (
+            trainer.state.fn == TrainerFn.FITTING
+            and not trainer.sanity_checking
+            and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        )
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Run the clean pass over every source; return ``{name: clean value}``."""
+        sources = self._clean_sources(trainer, pl_module)
+        eval_value = self._eval_transform_value(trainer, pl_module, sources)
+        values: dict[str, torch.Tensor] = {}
+        with (
+            preserved_buffers(pl_module),
+            eval_mode(pl_module),
+            trainer_not_training(trainer),
+            torch.inference_mode(),
+        ):
+            for source in sources:
+                metrics = self._metrics_for(source.name, pl_module.device)
+                if source.generator is not None:
+                    source.generator.manual_seed(self.seed)
+                swap = (
+                    swapped_attribute(source.transform_holders, self.transform_attr, eval_value)
+                    if source.transform_holders
+                    else contextlib.nullcontext()
+                )
+                with swap:
+                    batches = run_pass(trainer, pl_module, source.loader, metrics, self.forward, source.max_batches)
+                if self._total(trainer, pl_module, batches) == 0:
+                    self._warn_once(
+                        f"empty:{source.name}",
+                        "EvalGuard's clean pass found no batches"
+                        + (f" in training loader {source.name!r}" if source.name else "")
+                        + "; nothing is logged for it. Is the training set empty?",
+                    )
+                    continue
+                for name, value in flatten_scalars(metrics.compute()).items():
+                    values[join_key(source.name, name)] = value
+        if not values:
+            return {}
+        # One host sync per pass, not per batch.
+        numbers = torch.stack([value.detach().to(torch.float64).cpu() for value in values.values()]).tolist()
+        return dict(zip(values, numbers, strict=True))
+
+    def _total(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: int) -> int:
+        if trainer.world_size == 1:
+            return batches
+        total = trainer.strategy.reduce(torch.tensor(batches, device=pl_module.device), reduce_op="sum")
+        return int(total.item()) if isinstance(total, torch.Tensor) else int(total)
+
+    def _metrics_for(self, name: str | None, device: torch.device) -> MetricCollection:
+        if name not in self._metrics:
+            self._metrics[name] = self._template.clone()
+        metrics = self._metrics[name].to(device)
+        self._metrics[name] = metrics
+        metrics.reset()
+        return metrics
+
+    def _eval_transform_value(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, sources: list[CleanSource]
+    ) -> Any:
+        if self.eval_transform != "val" or not any(source.transform_holders for source in sources):
+            return self.eval_transform
+        return validation_transform(trainer, pl_module, self.transform_attr)
+
+    # ---------------------------------------------------------- clean sources
+
+    def _clean_sources(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[CleanSource]:
+        """Build the clean sources once per fit (again if Lightning reloads the training loaders)."""
+        train_loaders = trainer.train_dataloader
+        if self._sources is not None and self._sources_for_loaders is train_loaders:
+            return self._sources
+        user = user_clean_loader(trainer, pl_module, self.dataloader)
+        if user is not None:
+            mechanism, loader = user
+            sources = [CleanSource(None, loader, mechanism, max_batches=self._user_loader_limit(loader, mechanism))]
+        else:
+            sources = [self._rebuilt_source(trainer, name, loader) for name, loader in named_loaders(train_loaders)]
+        self._sources, self._sources_for_loaders = sources, train_loaders
+        return sources
+
+    def _user_loader_limit(self, loader: Any, mechanism: str) -> int | None:
+        if self.limit_batches is None or isinstance(self.limit_batches, int):
+            return self.limit_batches
+        try:
+            length = len(loader)
+        except TypeError:
+            where = "`dataloader=`" if mechanism == "dataloader" else "`clean_train_dataloader()`"
+            raise ValueError(
+                f"EvalGuard(limit_batches={self.limit_batches}) is a fraction, but the loader from {where} has no"
+                " length. Pass an int `limit_batches` (a number of batches) instead."
+            ) from None
+        return max(1, math.ceil(self.limit_batches * length))
+
+    def _rebuilt_source(self, trainer: pl.Trainer, name: str | None, train_loader: Any) -> CleanSource:
+        where = f"training loader {name!r}" if name is not None else "the training loader"
+        if not isinstance(train_loader, DataLoader):
+            raise TypeError(
+                f"EvalGuard rebuilds {where} to switch augmentation off, but it is a {type(train_loader).__name__},"
+                " not a torch DataLoader. Pass `dataloader=` to EvalGuard or define `clean_train_dataloader()` on"
+                " your LightningDataModule or LightningModule."
+            )
+        batch_size = resolve_batch_size(train_loader, self.batch_size)
+        holders: list[Any] = []
+        if self.eval_transform is not None:
+            holders = transform_holders(train_loader, self.transform_attr)
+            if not holders:
+                raise ValueError(
+                    f"EvalGuard(eval_transform=...) sets the dataset attribute {self.transform_attr!r}, but the"
+                    f" dataset of {where} ({type(train_loader.dataset).__name__}) has none, also through Subset and"
+                    " ConcatDataset. Set `transform_attr=` to the attribute your dataset uses, or pass"
+                    " `dataloader=` to EvalGuard."
+                )
+        generator = torch.Generator()
+        if is_iterable_dataset(train_loader):
+            if not isinstance(self.limit_batches, int):
+                raise ValueError(
+                    f"The dataset of {where} is an IterableDataset: EvalGuard cannot index it or know its length."
+                    " Pass `dataloader=` to EvalGuard, define `clean_train_dataloader()` on your LightningDataModule"
+                    " or LightningModule, or pass an int `limit_batches=` (a number of batches to evaluate)."
+                )
+            loader = rebuild_loader(train_loader, None, batch_size, generator)
+            return CleanSource(name, loader, "rebuilt", self.limit_batches, holders, generator)
+        num_samples = len(train_loader.dataset)  # type: ignore[arg-type]
+        if num_samples == 0:
+            self._warn_once(f"empty:{name}", f"The dataset of {where} is empty: EvalGuard logs nothing for it.")
+        key = name or ""
+        subset = fixed_subset(num_samples, self.limit_batches, batch_size, self.seed, self._subsets.get(key))
+        if subset is None:
+            self._subsets.pop(key, None)
+        else:
+            self._subsets[key] = subset
+        indices = subset if subset is not None else range(num_samples)
+        kwargs = trainer.distributed_sampler_kwargs or {}
+        local = shard(indices, int(kwargs.get("rank", 0)), int(kwargs.get("num_replicas", 1)))
+        loader = rebuild_loader(train_loader, local, batch_size, generator)
+        return CleanSource(name, loader, "rebuilt", None, holders, generator, num_samples=len(local))
+
+    # ---------------------------------------------------------------- logging
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, clean: dict[str, float]) -> None:
+        callback_metrics = trainer.callback_metrics
+        flags = logged_flags(trainer)
+        running: dict[str, float] = {}
+        self._running_read = {}
+        for name in clean:
+            key = self._running_key(name, callback_metrics)
+            value = float(callback_metrics[key]) if key is not None else None
+            self._running_read[name] = (key, value)
+            if key is None or value is None:
+                continue
+            running[name] = value
+            logged = flags.get(key) or flags.get(key.removesuffix("_epoch"))
+            if logged is not None and not logged.on_epoch:
+                self._warn_once(
+                    f"step:{name}",
+                    f"EvalGuard compares clean {name!r} with {key!r}, which was logged with on_epoch=False: it holds"
+                    " the last batch's value, not the epoch's. Log it with"
+                    f" `self.log({key!r}, ..., on_epoch=True)` in training_step.",
+                )
+        gap = {name: clean[name] - running[name] for name in running}
+        for kind, values in (("clean", clean), ("running", running), ("gap", gap)):
+            for name, value in values.items():
+                pl_module.log(join_key(self.prefix, kind, name), value, on_step=False, on_epoch=True)
+        self.history.append(
+            {
+                "epoch": trainer.current_epoch,
+                "step": trainer.global_step,
+                "clean": dict(clean),
+                "running": running,
+                "gap": gap,
+            }
+        )
+
+    def _running_key(self, name: str, callback_metrics: Mapping[str, Any]) -> str | None:
+        if self.running is not None and name in self.running:
+            key = self.running[name]
+            return key if key in callback_metrics else None
+        return next((key for key in running_candidates(name) if key in callback_metrics), None)
+
+    def _check_running_read(self, trainer: pl.Trainer) -> None:
+        """After the epoch's hooks: warn about running keys that were missing, or written after EvalGuard read them."""
+        pending, self._running_read = self._running_read, {}
+        if not pending:
+            return
+        callback_metrics = trainer.callback_metrics
+        for name, (key, value) in pending.items():
+            candidates = [self.running[name]] if self.running and name in self.running else running_candidates(name)
+            if key is None:
+                late = next((candidate for candidate in candidates if candidate in callback_metrics), None)
+                if late is None:
+                    self._warn_once(
+                        f"missing:{name}",
+                        f"EvalGuard found no running metric for {name!r}: looked for {candidates} in"
+                        f" trainer.callback_metrics, which holds {sorted(callback_metrics)}. The clean value is"
+                        f" logged without running and gap; pass `running={{{name!r}: '<key>'}}` to EvalGuard.",
+                    )
+                    continue
+                key = late
+            elif key not in callback_metrics or _same(float(callback_metrics[key]), value):
+                continue
+            self._warn_once(
+                f"late:{name}",
+                f"{key!r} was logged after EvalGuard read it, in the LightningModule's own on_train_epoch_end"
+                " (Lightning calls callbacks' on_train_epoch_end first), so EvalGuard compares clean"
+                f" {name!r} with the previous epoch's value. Log it in training_step with on_epoch=True instead.",
+            )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message, category=EvalGuardWarning)
+
+
+def _same(a: float, b: float | None) -> bool:
+    return b is not None and (a == b or (math.isnan(a) and math.isnan(b)))
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    if sys.version_info >= (3, 11):
+        exc.add_note(note)
+    else:  # pragma: no cover - Python 3.10
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]

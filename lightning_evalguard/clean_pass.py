@@ -1,0 +1,90 @@
+"""One forward-only pass over a clean loader, with batches brought to the model the way Lightning's loops do."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from torchmetrics import MetricCollection
+
+from lightning_evalguard._lightning import on_before_batch_transfer
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["ForwardFn", "default_forward", "run_pass"]
+
+ForwardFn = Callable[["pl.LightningModule", Any], "tuple[Any, Any]"]
+
+
+def default_forward(pl_module: pl.LightningModule, batch: Any) -> tuple[Any, Any]:
+    """Split ``batch`` into ``(inputs, target, ...)`` and return ``(pl_module(inputs), target)``.
+
+    Args:
+        pl_module: The LightningModule.
+        batch: A batch on the module's device.
+
+    Returns:
+        ``(preds, target)``.
+
+    Raises:
+        TypeError: If the batch is not a tuple or list of at least two items.
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return pl_module(batch[0]), batch[1]
+    described = f"a {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    raise TypeError(
+        f"EvalGuard's default forward expects batches that are (inputs, target, ...) tuples or lists, got {described}."
+        " Pass `forward=` to EvalGuard: a callable (module, batch) -> (preds, target)."
+    )
+
+
+def _check_output(output: Any) -> tuple[Any, Any]:
+    if isinstance(output, (tuple, list)) and len(output) == 2:
+        return output[0], output[1]
+    raise TypeError(
+        "EvalGuard's `forward=` must return a (preds, target) pair for the metrics' update(preds, target),"
+        f" got {type(output).__name__}" + (f" of length {len(output)}" if isinstance(output, (tuple, list)) else "")
+        + "."
+    )
+
+
+def run_pass(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    loader: Iterable[Any],
+    metrics: MetricCollection,
+    forward: ForwardFn,
+    max_batches: int | None = None,
+) -> int:
+    """Feed every batch of ``loader`` through the model and update ``metrics``; return the number of batches.
+
+    Each batch goes through ``precision_plugin.convert_input``, ``on_before_batch_transfer`` and
+    ``strategy.batch_to_device`` (``transfer_batch_to_device`` and ``on_after_batch_transfer``), as in the training
+    loop, and the forward runs under the precision plugin's validation context (autocast for mixed precision).
+    Nothing here syncs with the host. The caller sets modes, grad mode, RNG and trainer stage.
+
+    Args:
+        trainer: The Trainer.
+        pl_module: The LightningModule (not the DDP wrapper: its forward would sync buffers per batch).
+        loader: The clean batches.
+        metrics: The metrics to update, already reset and on the module's device.
+        forward: Computes ``(preds, target)`` from the module and a batch.
+        max_batches: Stop after this many batches.
+
+    Returns:
+        The number of batches evaluated.
+    """
+    precision = trainer.precision_plugin
+    batches = 0
+    for batch in loader:
+        batch = precision.convert_input(batch)
+        batch = on_before_batch_transfer(pl_module, batch)
+        batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+        with precision.val_step_context():
+            preds, target = _check_output(forward(pl_module, batch))
+        metrics.update(preds, target)
+        batches += 1
+        if max_batches is not None and batches >= max_batches:
+            break
+    return batches

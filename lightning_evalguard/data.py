@@ -1,0 +1,311 @@
+"""Where clean batches come from: the precedence of the mechanisms, the rebuilt loader, the fixed subset, sharding.
+
+Precedence: ``dataloader=`` on the callback, then a ``clean_train_dataloader()`` method on the LightningDataModule
+or else on the LightningModule, then a loader rebuilt over each training dataset (sequential, ``drop_last=False``,
+the training loader's ``collate_fn``, workers and pinning), with ``eval_transform`` swapped in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Union
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+from lightning_evalguard.isolation import find_attribute_holders
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = [
+    "CleanSource",
+    "IndexSampler",
+    "fixed_subset",
+    "named_loaders",
+    "rebuild_loader",
+    "resolve_batch_size",
+    "shard",
+    "user_clean_loader",
+]
+
+LoaderArg = Union["DataLoader[Any]", Callable[["pl.Trainer"], "DataLoader[Any]"], None]
+
+HOOK_NAME = "clean_train_dataloader"
+
+
+@dataclass
+class CleanSource:
+    """One stream of clean batches and how to read it.
+
+    Attributes:
+        name: The training loader's name when the Trainer has several (dict key or list index), else None.
+        loader: The iterable of batches.
+        mechanism: ``"dataloader"``, ``"hook"`` or ``"rebuilt"``.
+        max_batches: Stop after this many batches (None: read the loader to its end).
+        transform_holders: Datasets whose transform attribute is swapped for the pass (rebuilt loaders only).
+        generator: The loader's own generator, re-seeded before each pass (rebuilt loaders only).
+        num_samples: Samples this process evaluates, when known.
+    """
+
+    name: str | None
+    loader: Iterable[Any]
+    mechanism: str
+    max_batches: int | None = None
+    transform_holders: list[Any] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    num_samples: int | None = None
+
+
+class IndexSampler(Sampler[int]):
+    """Yield a fixed list of dataset indices, in order, every epoch."""
+
+    def __init__(self, indices: Sequence[int]) -> None:
+        """Store the indices.
+
+        Args:
+            indices: The dataset indices to yield.
+        """
+        self.indices = list(indices)
+
+    def __iter__(self) -> Iterator[int]:
+        """Iterate over the indices in their stored order."""
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        """The number of indices."""
+        return len(self.indices)
+
+
+def named_loaders(train_dataloader: Any) -> list[tuple[str | None, Any]]:
+    """Split what ``trainer.train_dataloader`` returned into named loaders.
+
+    Args:
+        train_dataloader: One loader, or a dict or list of loaders as given to ``Trainer.fit``.
+
+    Returns:
+        ``[(None, loader)]`` for one loader; ``[(key, loader), ...]`` for a dict; ``[("0", loader), ...]`` for a list.
+    """
+    if isinstance(train_dataloader, Mapping):
+        return [(str(key), loader) for key, loader in train_dataloader.items()]
+    if isinstance(train_dataloader, (list, tuple)):
+        return [(str(index), loader) for index, loader in enumerate(train_dataloader)]
+    return [(None, train_dataloader)]
+
+
+def user_clean_loader(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, dataloader: LoaderArg
+) -> tuple[str, Iterable[Any]] | None:
+    """The clean loader the user supplied, by precedence: ``dataloader=``, then the ``clean_train_dataloader`` hook.
+
+    Args:
+        trainer: The Trainer.
+        pl_module: The LightningModule.
+        dataloader: The callback's ``dataloader`` argument.
+
+    Returns:
+        ``(mechanism, loader)``, or None when the user supplied none.
+
+    Raises:
+        TypeError: If the callable or the hook returned something that is not iterable.
+    """
+    if dataloader is not None:
+        if isinstance(dataloader, DataLoader):
+            return "dataloader", dataloader
+        loader = dataloader(trainer)
+        _check_iterable(loader, "the `dataloader` callable passed to EvalGuard")
+        return "dataloader", loader
+    for owner in (getattr(trainer, "datamodule", None), pl_module):
+        hook = getattr(owner, HOOK_NAME, None) if owner is not None else None
+        if callable(hook):
+            loader = hook()
+            _check_iterable(loader, f"{type(owner).__name__}.{HOOK_NAME}()")
+            return "hook", loader
+    return None
+
+
+def _check_iterable(loader: Any, where: str) -> None:
+    if not isinstance(loader, Iterable):
+        raise TypeError(f"{where} must return a DataLoader or another iterable of batches (got {loader!r}).")
+
+
+def resolve_batch_size(train_loader: Any, batch_size: int | None) -> int:
+    """The clean-pass batch size: ``batch_size`` if given, else the training loader's.
+
+    Args:
+        train_loader: The training DataLoader.
+        batch_size: The callback's ``batch_size`` argument.
+
+    Returns:
+        The batch size.
+
+    Raises:
+        ValueError: If the training loader has no readable batch size and none was given.
+    """
+    if batch_size is not None:
+        return batch_size
+    found = getattr(train_loader, "batch_size", None)
+    if found is None:
+        found = getattr(getattr(train_loader, "batch_sampler", None), "batch_size", None)
+    if not isinstance(found, int) or found < 1:
+        raise ValueError(
+            "EvalGuard cannot read a batch size from the training DataLoader (it uses a custom batch_sampler)."
+            " Pass `batch_size=` to EvalGuard."
+        )
+    return found
+
+
+def fixed_subset(
+    num_samples: int, limit_batches: int | float | None, batch_size: int, seed: int, stored: Sequence[int] | None
+) -> list[int] | None:
+    """The fixed random subset of dataset indices that ``limit_batches`` selects, the same at every call.
+
+    It is drawn from a generator seeded with ``seed``, so every rank draws the same subset without communicating
+    and a resumed run draws it again; a subset restored from a checkpoint (``stored``) is reused when it still fits.
+
+    Args:
+        num_samples: The dataset's length.
+        limit_batches: A fraction of samples (float), a number of batches (int), or None for all.
+        batch_size: The clean-pass batch size, for an int ``limit_batches``.
+        seed: The seed of the draw.
+        stored: A subset restored from a checkpoint, or None.
+
+    Returns:
+        Sorted indices, or None when the whole dataset is evaluated.
+    """
+    if limit_batches is None:
+        return None
+    if isinstance(limit_batches, float):
+        size = min(num_samples, math.ceil(limit_batches * num_samples))
+    else:
+        size = min(num_samples, limit_batches * batch_size)
+    if size >= num_samples:
+        return None
+    if stored is not None and len(stored) == size and all(0 <= index < num_samples for index in stored):
+        return list(stored)
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(num_samples, generator=generator)[:size].tolist())
+
+
+def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """This rank's share of ``indices``, without padding: every index goes to exactly one rank.
+
+    The same split as Lightning's ``UnrepeatedDistributedSampler``: rank ``r`` takes ``indices[r::world_size]``.
+
+    Args:
+        indices: All indices, in order.
+        rank: This process's rank.
+        world_size: The number of processes.
+
+    Returns:
+        The indices this rank evaluates.
+    """
+    return list(indices[rank::world_size])
+
+
+def rebuild_loader(
+    train_loader: DataLoader[Any], indices: Sequence[int] | None, batch_size: int, generator: torch.Generator
+) -> DataLoader[Any]:
+    """A sequential loader over the training loader's dataset, keeping how it loads (collate, workers, pinning).
+
+    Args:
+        train_loader: The training DataLoader.
+        indices: The dataset indices to read in order, or None for an ``IterableDataset``.
+        batch_size: The clean-pass batch size.
+        generator: The loader's own generator, so creating its iterator draws nothing from the global RNG.
+
+    Returns:
+        The clean DataLoader (``drop_last=False``, no shuffling).
+    """
+    kwargs: dict[str, Any] = {
+        "batch_size": batch_size,
+        "shuffle": False,
+        "drop_last": False,
+        "collate_fn": train_loader.collate_fn,
+        "num_workers": train_loader.num_workers,
+        "pin_memory": train_loader.pin_memory,
+        "worker_init_fn": train_loader.worker_init_fn,
+        "generator": generator,
+        "timeout": train_loader.timeout,
+    }
+    if train_loader.num_workers > 0:
+        kwargs["multiprocessing_context"] = train_loader.multiprocessing_context
+        kwargs["prefetch_factor"] = train_loader.prefetch_factor
+    if train_loader.pin_memory:
+        kwargs["pin_memory_device"] = train_loader.pin_memory_device
+    if indices is not None:
+        kwargs["sampler"] = IndexSampler(indices)
+    return DataLoader(train_loader.dataset, **kwargs)
+
+
+def is_iterable_dataset(loader: Any) -> bool:
+    """Whether ``loader`` is a DataLoader over an ``IterableDataset`` (no length, no indices).
+
+    Args:
+        loader: A training loader.
+
+    Returns:
+        True for a DataLoader whose dataset is an ``IterableDataset``.
+    """
+    return isinstance(loader, DataLoader) and isinstance(loader.dataset, IterableDataset)
+
+
+def transform_holders(train_loader: DataLoader[Any], attr: str) -> list[Any]:
+    """The datasets under ``train_loader`` that hold the transform attribute ``attr``.
+
+    Args:
+        train_loader: The training DataLoader.
+        attr: The transform attribute, e.g. ``"transform"``.
+
+    Returns:
+        The holders, looked for through ``Subset`` and ``ConcatDataset``.
+    """
+    return find_attribute_holders(train_loader.dataset, attr)
+
+
+def validation_transform(trainer: pl.Trainer, pl_module: pl.LightningModule, attr: str) -> Any:
+    """The transform of the validation dataset, for ``eval_transform="val"``.
+
+    The validation loaders the Trainer has loaded come first; before validation has run they are asked from the
+    datamodule's or the module's ``val_dataloader()``.
+
+    Args:
+        trainer: The Trainer.
+        pl_module: The LightningModule.
+        attr: The transform attribute.
+
+    Returns:
+        The first validation dataset's value of ``attr``.
+
+    Raises:
+        ValueError: If there is no validation loader, or its dataset holds no ``attr``.
+    """
+    loaders = trainer.val_dataloaders
+    if loaders is None:
+        for owner in (getattr(trainer, "datamodule", None), pl_module):
+            if owner is not None and _overrides_val_dataloader(owner):
+                loaders = owner.val_dataloader()
+                break
+    if loaders is None:
+        raise ValueError(
+            "EvalGuard(eval_transform='val') takes the transform from the validation dataset, but this fit has no"
+            " validation dataloader. Pass the clean transform itself: eval_transform=<callable>."
+        )
+    for _, loader in named_loaders(loaders):
+        holders = find_attribute_holders(getattr(loader, "dataset", None), attr)
+        if holders:
+            return getattr(holders[0], attr)
+    raise ValueError(
+        f"EvalGuard(eval_transform='val') found no attribute {attr!r} on the validation dataset (looked through"
+        " Subset and ConcatDataset). Pass the clean transform itself (eval_transform=<callable>) or set"
+        " transform_attr= to the attribute your dataset uses."
+    )
+
+
+def _overrides_val_dataloader(owner: Any) -> bool:
+    # `val_dataloader` exists on every LightningModule/LightningDataModule and raises unless overridden.
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    return is_overridden("val_dataloader", owner)

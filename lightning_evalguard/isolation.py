@@ -1,0 +1,181 @@
+"""Context managers that change one piece of state for the clean pass and put it back in ``finally``.
+
+Each one saves the state on entry, yields, and restores the state on exit even when the body raises, so the
+clean pass leaves training exactly as it found it: module modes, buffers, RNG streams, the trainer's stage and
+the dataset's transform.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, Subset
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = [
+    "eval_mode",
+    "find_attribute_holders",
+    "isolated_rng",
+    "preserved_buffers",
+    "swapped_attribute",
+    "trainer_not_training",
+]
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put every submodule of ``module`` in eval mode, then restore each submodule's own ``training`` flag.
+
+    The flags are captured per module object, not only at the root, so a BatchNorm that the user froze in eval mode
+    inside a model in train mode comes back frozen. Restoring sets ``training`` directly instead of calling
+    ``train()``, which would recurse and overwrite the children's flags.
+
+    Args:
+        module: The module tree to switch.
+
+    Yields:
+        None; the tree is in eval mode inside the block.
+    """
+    modes = [(submodule, submodule.training) for submodule in module.modules()]
+    try:
+        module.eval()
+        yield
+    finally:
+        for submodule, training in modes:
+            submodule.training = training
+
+
+@contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Save the global RNG states (torch CPU, CUDA, numpy, Python ``random``) and restore them on exit.
+
+    Unlike ``lightning.pytorch.utilities.seed.isolate_rng`` the states are restored in ``finally``, so they come
+    back also when the body raises. CUDA states are saved only when CUDA is initialised: before that no CUDA
+    generator has been drawn from.
+
+    Yields:
+        None.
+    """
+    torch_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
+@contextmanager
+def preserved_buffers(module: nn.Module) -> Iterator[None]:
+    """Snapshot every buffer of ``module`` and put the snapshot back on exit.
+
+    Both the tensor object registered under each name and its values are restored, so a buffer that the body
+    reassigned (``self.count = self.count + 1``) or updated in place (BatchNorm running statistics) is back as it
+    was, bit for bit.
+
+    Args:
+        module: The module whose buffers (recursively) are preserved.
+
+    Yields:
+        None.
+    """
+    saved: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
+    for submodule in module.modules():
+        for name, buffer in submodule.named_buffers(recurse=False):
+            saved.append((submodule, name, buffer, buffer.detach().clone()))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for submodule, name, buffer, values in saved:
+                if getattr(submodule, name, None) is not buffer:
+                    setattr(submodule, name, buffer)
+                buffer.copy_(values)
+
+
+@contextmanager
+def trainer_not_training(trainer: pl.Trainer) -> Iterator[None]:
+    """Make ``trainer.training`` False for the block, then restore the trainer's previous stage.
+
+    Batch-level augmentation written the way Lightning documents it (``if self.trainer.training: ...`` inside
+    ``on_after_batch_transfer``) is then skipped. The stage must be restored before anything is logged: while it is
+    None, ``LightningModule.log`` raises.
+
+    Args:
+        trainer: The running Trainer.
+
+    Yields:
+        None.
+    """
+    previous = trainer.state.stage
+    try:
+        trainer.training = False
+        yield
+    finally:
+        trainer.state.stage = previous
+
+
+def find_attribute_holders(dataset: Any, attr: str) -> list[Any]:
+    """Find the datasets that hold ``attr``, looking through ``Subset`` and ``ConcatDataset`` wrappers.
+
+    A dataset that has the attribute itself is a holder and is not looked into further.
+
+    Args:
+        dataset: The dataset to search.
+        attr: The attribute name, e.g. ``"transform"``.
+
+    Returns:
+        The holders, each once, in the order they were found.
+    """
+    holders: list[Any] = []
+    seen: set[int] = set()
+
+    def visit(node: Any) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if hasattr(node, attr):
+            holders.append(node)
+        elif isinstance(node, Subset):
+            visit(node.dataset)
+        elif isinstance(node, ConcatDataset):
+            for child in node.datasets:
+                visit(child)
+
+    visit(dataset)
+    return holders
+
+
+@contextmanager
+def swapped_attribute(holders: Sequence[Any], attr: str, value: Any) -> Iterator[None]:
+    """Set ``attr`` to ``value`` on each holder for the block, then put each holder's own value back.
+
+    Args:
+        holders: Objects whose attribute is swapped, e.g. from :func:`find_attribute_holders`.
+        attr: The attribute name.
+        value: The value set for the duration of the block.
+
+    Yields:
+        None.
+    """
+    originals = [(holder, getattr(holder, attr)) for holder in holders]
+    try:
+        for holder in holders:
+            setattr(holder, attr, value)
+        yield
+    finally:
+        for holder, original in originals:
+            setattr(holder, attr, original)

@@ -1,0 +1,127 @@
+"""Tiny datasets, modules and trainers shared by the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.classification import MulticlassAccuracy
+
+NUM_FEATURES = 6
+NUM_CLASSES = 3
+
+
+def make_tensors(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, NUM_FEATURES, generator=generator)
+    weights = torch.randn(NUM_FEATURES, NUM_CLASSES, generator=generator)
+    y = (x @ weights + 0.5 * torch.randn(n, NUM_CLASSES, generator=generator)).argmax(dim=1)
+    return x, y
+
+
+class NumpyNoise:
+    """Dataset-level augmentation drawing from numpy's global RNG."""
+
+    def __init__(self, scale: float = 0.5) -> None:
+        self.scale = scale
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.from_numpy(np.random.normal(0.0, self.scale, size=tuple(x.shape))).to(x.dtype)
+
+
+class TensorData(Dataset):
+    """(x, y) pairs with a ``transform`` attribute applied to x."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: Any = None) -> None:
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.x[index]
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, self.y[index]
+
+
+def build_net(kind: str) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(NUM_FEATURES, NUM_CLASSES)
+    if kind == "dropout":
+        return nn.Sequential(nn.Linear(NUM_FEATURES, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, NUM_CLASSES))
+    if kind == "batchnorm":
+        return nn.Sequential(nn.Linear(NUM_FEATURES, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, NUM_CLASSES))
+    if kind == "both":
+        return nn.Sequential(
+            nn.Linear(NUM_FEATURES, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, NUM_CLASSES)
+        )
+    raise ValueError(kind)
+
+
+class Classifier(pl.LightningModule):
+    """A classifier that logs ``train_acc`` (epoch aggregate) and optionally augments batches on device."""
+
+    def __init__(self, kind: str = "both", batch_noise: float = 0.0, lr: float = 0.1) -> None:
+        super().__init__()
+        self.net = build_net(kind)
+        self.batch_noise = batch_noise
+        self.lr = lr
+        self.train_acc = MulticlassAccuracy(num_classes=NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.batch_noise and self.trainer.training:
+            x, y = batch
+            batch = (x + self.batch_noise * torch.randn_like(x), y)
+        return batch
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def trainer(tmp_path: Any, **kwargs: Any) -> pl.Trainer:
+    options: dict[str, Any] = {
+        "default_root_dir": tmp_path,
+        "max_epochs": 2,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def loader(dataset: Dataset, batch_size: int = 16, shuffle: bool = True, **kwargs: Any) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, **kwargs)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """An independent clean accuracy: eval mode, no_grad, the whole set in one batch."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        value = (model(x).argmax(dim=1) == y).double().mean().item()
+    model.train(was_training)
+    return value
+
+
+acc_metric = MulticlassAccuracy

@@ -1,0 +1,76 @@
+"""Wrong arguments fail at construction with the argument's name, what was expected and what was given."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_evalguard import EvalGuard
+
+
+def acc() -> MulticlassAccuracy:
+    return MulticlassAccuracy(num_classes=3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"metrics": "accuracy"}, TypeError, r"`metrics` must be .*got 'accuracy' that is a str"),
+        ({"metrics": {"acc": "accuracy"}}, TypeError, r"`metrics\['acc'\]` must be a torchmetrics.Metric"),
+        ({"metrics": {}}, ValueError, r"`metrics` must hold at least one metric"),
+        ({"metrics": {"a.b": acc()}}, ValueError, r"`metrics` keys must be non-empty and contain no '.'"),
+        ({"every_n_epochs": 0}, ValueError, r"`every_n_epochs` must be an int >= 1 \(got 0\)"),
+        ({"every_n_epochs": 1.0}, TypeError, r"`every_n_epochs` must be an int >= 1 \(got 1.0 that is a float\)"),
+        ({"limit_batches": 0}, ValueError, r"`limit_batches` must be an int >= 1 .*\(got 0\)"),
+        ({"limit_batches": -3}, ValueError, r"`limit_batches` must be an int >= 1 .*\(got -3\)"),
+        ({"limit_batches": 1.5}, ValueError, r"`limit_batches` as a float .* in \(0, 1\] \(got 1.5\)"),
+        ({"limit_batches": 0.0}, ValueError, r"`limit_batches` as a float .* in \(0, 1\] \(got 0.0\)"),
+        ({"limit_batches": "all"}, TypeError, r"`limit_batches` must be None, an int .*got 'all' that is a str"),
+        ({"limit_batches": True}, TypeError, r"`limit_batches` must be None"),
+        ({"batch_size": 0}, ValueError, r"`batch_size` must be None or an int >= 1 \(got 0\)"),
+        ({"batch_size": 8.0}, TypeError, r"`batch_size` must be None or an int >= 1 \(got 8.0 that is a float\)"),
+        ({"eval_transform": 42}, TypeError, r"`eval_transform` must be a callable, 'val' or None \(got 42 that is"),
+        ({"eval_transform": "train"}, ValueError, r"`eval_transform` must be a callable, 'val' .*\(got 'train'\)"),
+        ({"running": ["train_acc"]}, TypeError, r"`running` must be a mapping .*got \['train_acc'\] that is a list"),
+        ({"running": {"acc": 1}}, TypeError, r"`running` must map str metric names to str keys"),
+        ({"running": {"loss": "train_loss"}}, ValueError, r"`running` names metric 'loss', which is not among"),
+        ({"dataloader": [1, 2]}, TypeError, r"`dataloader` must be a DataLoader, a callable"),
+        ({"forward": "model"}, TypeError, r"`forward` must be a callable"),
+        ({"transform_attr": ""}, ValueError, r"`transform_attr` must be a non-empty str"),
+        ({"prefix": None}, TypeError, r"`prefix` must be a str \(got None that is a NoneType\)"),
+        ({"seed": "0"}, TypeError, r"`seed` must be an int"),
+    ],
+)
+def test_wrong_argument_raises_naming_it(kwargs, error, match):
+    arguments = {"metrics": {"acc": acc()}, **kwargs}
+    metrics = arguments.pop("metrics")
+    with pytest.raises(error, match=match):
+        EvalGuard(metrics, **arguments)
+
+
+def test_metric_names_follow_metric_collection():
+    assert EvalGuard(acc()).metric_names == ["MulticlassAccuracy"]
+    collection = MetricCollection([acc()], prefix="p_")
+    assert EvalGuard(collection).metric_names == ["p_MulticlassAccuracy"]
+    assert sorted(EvalGuard({"acc": acc(), "top": acc()}).metric_names) == ["acc", "top"]
+
+
+def test_user_metric_objects_are_cloned_not_shared():
+    metric = acc()
+    guard = EvalGuard({"acc": metric})
+    clone = guard._template["acc"]
+    assert clone is not metric
+    clone.update(torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([0]))
+    assert not metric.update_called
+
+
+def test_valid_arguments_are_kept():
+    guard = EvalGuard(
+        {"acc": acc()}, every_n_epochs=3, limit_batches=0.5, batch_size=32, prefix="eg", running={"acc": "t"}
+    )
+    assert (guard.every_n_epochs, guard.limit_batches, guard.batch_size, guard.prefix) == (3, 0.5, 32, "eg")
+    assert guard.running == {"acc": "t"}
+    assert EvalGuard(acc(), limit_batches=1.0).limit_batches == 1.0
+    assert EvalGuard(acc(), limit_batches=4).limit_batches == 4
