@@ -83,7 +83,7 @@ class Classifier(pl.LightningModule):
         return batch
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
+        x, y = batch[0], batch[1]
         logits = self(x)
         loss = nn.functional.cross_entropy(logits, y)
         self.train_acc(logits, y)

@@ -1,0 +1,448 @@
+"""Where clean batches come from, in which order of precedence, and how they reach the model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, IterableDataset, Subset
+from torchmetrics import SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_evalguard import EvalGuard
+
+from helpers import NUM_CLASSES, Classifier, NumpyNoise, TensorData, accuracy, loader, make_tensors, trainer
+
+pytestmark = pytest.mark.filterwarnings("ignore:EvalGuard found no running metric")
+
+
+class Tag:
+    """A transform that marks samples: x + offset, so the test can tell which transform produced a batch."""
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.offset
+
+
+class Recorder(SumMetric):
+    """Records the first input value of every sample it sees (update(preds, target) with preds = inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[float] = []
+
+    def update(self, preds: Any, target: Any) -> None:  # type: ignore[override]
+        self.seen.extend(preds[:, 0].tolist())
+        super().update(torch.tensor(float(len(target))))
+
+
+def inputs_forward(module: pl.LightningModule, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch[0], batch[1]
+
+
+def recorder_of(guard: EvalGuard) -> Recorder:
+    (collection,) = guard._metrics.values()
+    return collection["seen"]
+
+
+def fit(tmp_path: Any, guard: EvalGuard, model: pl.LightningModule | None = None, **kwargs: Any) -> pl.Trainer:
+    pl_trainer = trainer(tmp_path, max_epochs=kwargs.pop("max_epochs", 1), callbacks=[guard])
+    pl_trainer.fit(model or Classifier("linear"), **kwargs)
+    return pl_trainer
+
+
+def test_rebuilt_loader_sets_eval_transform_through_subset_and_concat_and_puts_it_back(tmp_path):
+    x, y = make_tensors(30)
+    first, second = TensorData(x[:20], y[:20], Tag(100.0)), TensorData(x[20:], y[20:], Tag(200.0))
+    train = ConcatDataset([Subset(first, list(range(0, 20, 2))), second])  # 10 + 10 samples
+    guard = EvalGuard({"seen": Recorder()}, eval_transform=Tag(0.5), forward=inputs_forward)
+    fit(tmp_path, guard, train_dataloaders=loader(train, batch_size=4))
+    seen = recorder_of(guard).seen
+    expected = [x[i, 0].item() + 0.5 for i in range(0, 20, 2)] + [x[i, 0].item() + 0.5 for i in range(20, 30)]
+    assert seen == pytest.approx(expected)  # every sample once, in order, with the eval transform
+    assert first.transform.offset == 100.0 and second.transform.offset == 200.0
+
+
+def test_eval_transform_val_takes_the_validation_dataset_transform(tmp_path):
+    x, y = make_tensors(24)
+    train, val = TensorData(x, y, Tag(100.0)), TensorData(x, y, Tag(0.25))
+
+    class WithValidation(Classifier):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            pass
+
+    guard = EvalGuard({"seen": Recorder()}, eval_transform="val", forward=inputs_forward)
+    model = WithValidation("linear")
+    fit(tmp_path, guard, model, train_dataloaders=loader(train), val_dataloaders=loader(val, shuffle=False))
+    assert recorder_of(guard).seen == pytest.approx((x[:, 0] + 0.25).tolist())
+    assert train.transform.offset == 100.0
+
+
+def test_eval_transform_val_before_any_validation_uses_the_module_val_dataloader(tmp_path):
+    x, y = make_tensors(24)
+    val = TensorData(x, y, Tag(0.75))
+
+    class WithVal(Classifier):
+        def val_dataloader(self) -> DataLoader[Any]:
+            return loader(val, shuffle=False)
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            pass
+
+    guard = EvalGuard({"seen": Recorder()}, eval_transform="val", forward=inputs_forward)
+    pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[guard], check_val_every_n_epoch=5)
+    pl_trainer.fit(WithVal("linear"), train_dataloaders=loader(TensorData(x, y, Tag(100.0))))
+    assert recorder_of(guard).seen == pytest.approx((x[:, 0] + 0.75).tolist())
+
+
+def test_eval_transform_without_the_attribute_fails_before_training(tmp_path):
+    x, y = make_tensors(16)
+
+    class NoTransform(torch.utils.data.TensorDataset):
+        pass
+
+    model = Classifier("linear")
+    model.training_step = lambda *a: pytest.fail("training started")  # type: ignore[method-assign]
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, eval_transform=Tag(0.0))
+    with pytest.raises(ValueError, match=r"sets the dataset attribute 'transform'.*NoTransform.*transform_attr="):
+        fit(tmp_path, guard, model, train_dataloaders=loader(NoTransform(x, y)))
+
+
+def test_custom_transform_attr(tmp_path):
+    x, y = make_tensors(12)
+
+    class Other(TensorData):
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.augment(self.x[index]), self.y[index]
+
+    data = Other(x, y)
+    data.augment = Tag(100.0)
+    guard = EvalGuard({"seen": Recorder()}, eval_transform=Tag(0.0), transform_attr="augment", forward=inputs_forward)
+    fit(tmp_path, guard, train_dataloaders=loader(data))
+    assert recorder_of(guard).seen == pytest.approx(x[:, 0].tolist())
+
+
+def test_dataloader_argument_comes_first_and_a_callable_gets_the_trainer(tmp_path):
+    x, y = make_tensors(20)
+    explicit = DataLoader(TensorData(x, y, Tag(1.0)), batch_size=7)
+    calls: list[Any] = []
+
+    def build(pl_trainer: pl.Trainer) -> DataLoader[Any]:
+        calls.append(pl_trainer)
+        return explicit
+
+    class WithHook(Classifier):
+        def clean_train_dataloader(self) -> DataLoader[Any]:
+            raise AssertionError("the hook must not be used when dataloader= is given")
+
+    for argument in (explicit, build):
+        guard = EvalGuard({"seen": Recorder()}, dataloader=argument, eval_transform=Tag(5.0), forward=inputs_forward)
+        pl_trainer = fit(tmp_path, guard, WithHook("linear"), train_dataloaders=loader(TensorData(x, y, Tag(100.0))))
+        assert recorder_of(guard).seen == pytest.approx((x[:, 0] + 1.0).tolist())
+    assert calls == [pl_trainer]
+
+
+class HookData(pl.LightningDataModule):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        super().__init__()
+        self.x, self.y = x, y
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return loader(TensorData(self.x, self.y, Tag(100.0)))
+
+    def clean_train_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(TensorData(self.x, self.y, Tag(2.0)), batch_size=5)
+
+
+def test_datamodule_hook_comes_before_the_module_hook_and_the_rebuilt_loader(tmp_path):
+    x, y = make_tensors(20)
+
+    class WithHook(Classifier):
+        def clean_train_dataloader(self) -> DataLoader[Any]:
+            return DataLoader(TensorData(x, y, Tag(3.0)), batch_size=5)
+
+    guard = EvalGuard({"seen": Recorder()}, eval_transform=Tag(9.0), forward=inputs_forward)
+    fit(tmp_path, guard, WithHook("linear"), datamodule=HookData(x, y))
+    assert recorder_of(guard).seen == pytest.approx((x[:, 0] + 2.0).tolist())
+
+    guard = EvalGuard({"seen": Recorder()}, eval_transform=Tag(9.0), forward=inputs_forward)
+    fit(tmp_path, guard, WithHook("linear"), train_dataloaders=loader(TensorData(x, y, Tag(100.0))))
+    assert recorder_of(guard).seen == pytest.approx((x[:, 0] + 3.0).tolist())
+
+
+class HookedModule(Classifier):
+    """Normalises in every hook and augments only when ``trainer.training`` (Lightning's documented pattern)."""
+
+    def __init__(self) -> None:
+        super().__init__("both")
+        self.calls: list[tuple[str, bool]] = []
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        self.calls.append(("before", self.trainer.training))
+        x, y = batch
+        return x * 2.0, y
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        self.calls.append(("transfer", self.trainer.training))
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        self.calls.append(("after", self.trainer.training))
+        x, y = batch
+        if self.trainer.training:
+            x = x + torch.randn_like(x)  # augmentation
+        return x - 1.0, y  # normalisation
+
+
+def test_batches_go_through_the_transfer_hooks_with_trainer_training_false(tmp_path):
+    x, y = make_tensors(40)
+    model = HookedModule()
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")})
+    pl_trainer = fit(tmp_path, guard, model, max_epochs=2, train_dataloaders=loader(TensorData(x, y)))
+    pass_calls = [name for name, training in model.calls if not training]
+    assert pass_calls == ["before", "transfer", "after"] * 3 * 2  # 3 batches, 2 passes
+    assert pl_trainer.training is False  # after fit; during fit the stage was restored before logging
+    # normalisation ran, augmentation did not: the clean value is the deterministic normalised computation
+    assert guard.history[-1]["clean"]["acc"] == pytest.approx(accuracy(model, x * 2.0 - 1.0, y), abs=1e-6)
+
+
+def test_datamodule_batch_hooks_are_used_like_in_training(tmp_path):
+    x, y = make_tensors(20)
+    calls: list[bool] = []
+
+    class Hooked(HookData):
+        def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            calls.append(self.trainer.training)
+            return batch
+
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)})
+    fit(tmp_path, guard, datamodule=Hooked(x, y))
+    assert calls.count(False) == 4  # the clean loader of the datamodule hook: 20 samples, batch 5
+
+
+def test_forward_runs_under_the_precision_context(tmp_path):
+    x, y = make_tensors(16)
+    autocast: list[bool] = []
+
+    def forward(module: pl.LightningModule, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        autocast.append(torch.is_autocast_enabled("cpu"))
+        return module(batch[0]), batch[1]
+
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, forward=forward)
+    pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[guard], precision="bf16-mixed")
+    pl_trainer.fit(Classifier("linear"), loader(TensorData(x, y)))
+    assert autocast == [True]
+
+
+class CountSamples(SumMetric):
+    def update(self, preds: Any, target: Any) -> None:  # type: ignore[override]
+        super().update(torch.tensor(float(len(target))))
+
+
+class IndexData(TensorData):
+    """Returns (x, y, index), so a metric can record which samples the pass saw."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.x[index], self.y[index], torch.tensor(index)
+
+
+def index_forward(module: pl.LightningModule, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch[0], batch[2]
+
+
+class SeenIndices(SumMetric):
+    def __init__(self) -> None:
+        super().__init__()
+        self.indices: list[list[int]] = []
+
+    def reset(self) -> None:
+        super().reset()
+        self.indices.append([])
+
+    def update(self, preds: Any, target: Any) -> None:  # type: ignore[override]
+        self.indices[-1].extend(target.tolist())
+        super().update(torch.tensor(float(len(target))))
+
+
+@pytest.mark.parametrize(("limit", "expected"), [(0.25, 25), (2, 16), (1.0, 100), (50, 100)])
+def test_limit_batches_is_a_fixed_subset_the_same_every_epoch(tmp_path, limit, expected):
+    x, y = make_tensors(100)
+    guard = EvalGuard({"seen": SeenIndices()}, limit_batches=limit, batch_size=8, forward=index_forward)
+    fit(tmp_path, guard, max_epochs=3, train_dataloaders=loader(IndexData(x, y)))
+    passes = [indices for indices in recorder_of(guard).indices if indices]
+    assert len(passes) == 3
+    assert all(indices == passes[0] for indices in passes)
+    assert len(passes[0]) == len(set(passes[0])) == expected
+    if expected < 100:
+        assert passes[0] != list(range(expected))  # random, not the first samples
+        assert guard.state_dict()["subsets"][""] == passes[0]
+
+
+def test_limit_batches_subset_is_the_same_after_a_resume(tmp_path):
+    x, y = make_tensors(100)
+
+    def run(max_epochs: int, ckpt_path: Any = None) -> tuple[EvalGuard, pl.Trainer]:
+        guard = EvalGuard({"seen": SeenIndices()}, limit_batches=0.2, seed=7, forward=index_forward)
+        pl_trainer = trainer(tmp_path, max_epochs=max_epochs, callbacks=[guard], enable_checkpointing=True)
+        pl_trainer.fit(Classifier("linear"), loader(IndexData(x, y)), ckpt_path=ckpt_path)
+        return guard, pl_trainer
+
+    first, pl_trainer = run(1)
+    ckpt = tmp_path / "one.ckpt"
+    pl_trainer.save_checkpoint(ckpt)
+    resumed, _ = run(3, ckpt)
+    first_subset = next(i for i in recorder_of(first).indices if i)
+    resumed_passes = [i for i in recorder_of(resumed).indices if i]
+    assert len(resumed_passes) == 2 and all(indices == first_subset for indices in resumed_passes)
+
+
+def test_limit_batches_with_a_user_loader_takes_its_first_batches(tmp_path):
+    x, y = make_tensors(40)
+    explicit = DataLoader(IndexData(x, y), batch_size=4)
+    guard = EvalGuard({"seen": SeenIndices()}, dataloader=explicit, limit_batches=0.5, forward=index_forward)
+    fit(tmp_path, guard, train_dataloaders=loader(IndexData(x, y)))
+    assert [i for i in recorder_of(guard).indices if i] == [list(range(20))]
+
+
+class Stream(IterableDataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+        self.transform = None
+
+    def __iter__(self) -> Any:
+        for x, y in zip(self.x, self.y, strict=True):
+            yield (x if self.transform is None else self.transform(x)), y
+
+
+def test_iterable_training_set_fails_before_the_first_training_step(tmp_path):
+    x, y = make_tensors(32)
+    model = Classifier("linear")
+    model.training_step = lambda *a: pytest.fail("training started")  # type: ignore[method-assign]
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, limit_batches=0.5)
+    with pytest.raises(ValueError, match=r"IterableDataset.*dataloader=.*clean_train_dataloader\(\).*int `limit_batches"):
+        fit(tmp_path, guard, model, train_dataloaders=DataLoader(Stream(x, y), batch_size=8))
+
+
+def test_iterable_training_set_with_an_int_limit_evaluates_that_many_batches(tmp_path):
+    x, y = make_tensors(32)
+    stream = Stream(x, y)
+    stream.transform = Tag(100.0)
+    guard = EvalGuard({"seen": Recorder()}, limit_batches=2, eval_transform=Tag(0.0), forward=inputs_forward)
+    fit(tmp_path, guard, train_dataloaders=DataLoader(stream, batch_size=8))
+    assert recorder_of(guard).seen == pytest.approx(x[:16, 0].tolist())
+
+
+def test_a_training_loader_that_is_not_a_dataloader_fails_before_training(tmp_path):
+    x, y = make_tensors(16)
+
+    class Batches:
+        def __iter__(self) -> Any:
+            return iter([(x[:8], y[:8]), (x[8:], y[8:])])
+
+        def __len__(self) -> int:
+            return 2
+
+    batches = Batches()
+    model = Classifier("linear")
+    model.training_step = lambda *a: pytest.fail("training started")  # type: ignore[method-assign]
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)})
+    with pytest.raises(TypeError, match=r"the training loader to switch augmentation off, but it is a Batches, not a torch DataLoader. Pass `dataloader=`"):
+        fit(tmp_path, guard, model, train_dataloaders=batches)
+
+
+def test_batch_size_argument_sets_the_clean_batch_size(tmp_path):
+    x, y = make_tensors(40)
+    sizes: list[int] = []
+
+    def forward(module: pl.LightningModule, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        sizes.append(len(batch[0]))
+        return module(batch[0]), batch[1]
+
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, batch_size=32, forward=forward)
+    fit(tmp_path, guard, train_dataloaders=loader(TensorData(x, y), batch_size=4))
+    assert sizes == [32, 8]
+
+
+def test_default_forward_rejects_a_batch_it_cannot_split(tmp_path):
+    x, y = make_tensors(16)
+
+    class DictData(TensorData):
+        def __getitem__(self, index: int) -> Any:
+            return {"x": self.x[index], "y": self.y[index]}
+
+    class DictModel(Classifier):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return super().training_step((batch["x"], batch["y"]), batch_idx)
+
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)})
+    with pytest.raises(TypeError, match=r"default forward expects .* got a dict. Pass `forward=`"):
+        fit(tmp_path, guard, DictModel("linear"), train_dataloaders=loader(DictData(x, y)))
+
+
+def test_a_forward_that_does_not_return_preds_and_target_is_rejected(tmp_path):
+    x, y = make_tensors(16)
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, forward=lambda module, batch: batch[0])
+    with pytest.raises(TypeError, match=r"`forward=` must return a \(preds, target\) pair.*got Tensor"):
+        fit(tmp_path, guard, train_dataloaders=loader(TensorData(x, y)))
+
+
+def test_an_empty_clean_loader_warns_once_and_logs_nothing(tmp_path):
+    x, y = make_tensors(16)
+    empty = DataLoader(TensorData(x[:0], y[:0]), batch_size=4)
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, dataloader=empty)
+    with pytest.warns(UserWarning, match="found no batches") as record:
+        pl_trainer = fit(tmp_path, guard, max_epochs=3, train_dataloaders=loader(TensorData(x, y)))
+    assert sum("found no batches" in str(w.message) for w in record) == 1
+    assert guard.history == []
+    assert not any(key.startswith("evalguard/") for key in pl_trainer.callback_metrics)
+
+
+def test_every_n_epochs_follows_check_val_every_n_epoch(tmp_path):
+    x, y = make_tensors(16)
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, every_n_epochs=2)
+    fit(tmp_path, guard, max_epochs=5, train_dataloaders=loader(TensorData(x, y)))
+    assert [entry["epoch"] for entry in guard.history] == [1, 3]
+
+
+def test_no_pass_during_validate_test_or_predict(tmp_path):
+    x, y = make_tensors(16)
+
+    class Everything(Classifier):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            pass
+
+        def test_step(self, batch: Any, batch_idx: int) -> None:
+            pass
+
+        def predict_step(self, batch: Any, batch_idx: int) -> Any:
+            return self(batch[0])
+
+    forwards: list[bool] = []
+
+    def forward(module: pl.LightningModule, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        forwards.append(True)
+        return module(batch[0]), batch[1]
+
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, forward=forward)
+    pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[guard], num_sanity_val_steps=2)
+    model = Everything("linear")
+    data = loader(TensorData(x, y))
+    pl_trainer.fit(model, data, val_dataloaders=loader(TensorData(x, y)))
+    assert len(forwards) == 1
+    pl_trainer.validate(model, loader(TensorData(x, y)))
+    pl_trainer.test(model, loader(TensorData(x, y)))
+    pl_trainer.predict(model, loader(TensorData(x, y)))
+    assert len(forwards) == 1 and len(guard.history) == 1
+
+
+def test_dataset_augmentation_is_off_but_numpy_noise_dataset_is_measured_clean(tmp_path):
+    x, y = make_tensors(48)
+    model = Classifier("both")
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")}, eval_transform=nn.Identity())
+    fit(tmp_path, guard, model, max_epochs=2, train_dataloaders=loader(TensorData(x, y, NumpyNoise(2.0))))
+    assert guard.history[-1]["clean"]["acc"] == pytest.approx(accuracy(model, x, y), abs=1e-6)

@@ -1,0 +1,53 @@
+"""Breaks loudly when a Lightning upgrade moves the two internals EvalGuard relies on (lightning_evalguard/_lightning.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_evalguard._lightning import logged_flags, on_before_batch_transfer
+
+from helpers import Classifier, TensorData, loader, make_tensors, trainer
+
+
+def test_lightning_module_still_has_the_private_before_batch_transfer_dispatch(tmp_path):
+    class Hooked(Classifier):
+        def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            return ("module", batch)
+
+    class HookedData(pl.LightningDataModule):
+        def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            return ("datamodule", batch)
+
+    model = Hooked("linear")
+    assert on_before_batch_transfer(model, 1) == ("module", 1)  # no trainer: the module's own hook
+    x, y = make_tensors(8)
+    datamodule = HookedData()
+    datamodule.train_dataloader = lambda: loader(TensorData(x, y))  # type: ignore[method-assign]
+    pl_trainer = trainer(tmp_path, max_epochs=1, limit_train_batches=0)
+    model = Classifier("linear")
+    pl_trainer.fit(model, datamodule=datamodule)
+    assert on_before_batch_transfer(model, 2) == ("datamodule", 2)  # the trainer picks the datamodule's hook
+
+
+def test_result_collection_still_exposes_how_each_key_was_logged(tmp_path):
+    seen: dict[str, Any] = {}
+
+    class Logs(Classifier):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            self.log("step_only", loss, on_step=True, on_epoch=False)
+            self.log("epoch_too", loss, on_step=True, on_epoch=True)
+            return loss
+
+    class Read(pl.Callback):
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            seen.update(logged_flags(trainer))
+
+    x, y = make_tensors(16)
+    trainer(tmp_path, max_epochs=1, callbacks=[Read()]).fit(Logs("linear"), loader(TensorData(x, y)))
+    assert seen["step_only"].on_epoch is False and seen["step_only"].on_step is True
+    assert seen["epoch_too"].on_epoch is True
+    assert seen["train_acc"].on_epoch is True and seen["train_acc"].fx == "training_step"

@@ -1,0 +1,233 @@
+"""What EvalGuard logs, where it reaches, which running metric it compares with, and what it warns about."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+from unittest.mock import Mock
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_evalguard import EvalGuard, EvalGuardWarning
+
+from helpers import NUM_CLASSES, Classifier, TensorData, loader, make_tensors, trainer
+
+
+def acc() -> MulticlassAccuracy:
+    return MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
+
+
+def data(n: int = 40) -> Any:
+    x, y = make_tensors(n)
+    return loader(TensorData(x, y))
+
+
+def test_tensorboard_holds_the_three_keys_once_per_epoch_at_the_train_epoch_steps(tmp_path):
+    guard = EvalGuard({"acc": acc()})
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer(tmp_path, max_epochs=3, callbacks=[guard], logger=logger).fit(Classifier("both"), data())
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"evalguard/clean/acc", "evalguard/running/acc", "evalguard/gap/acc", "train_acc"} <= tags
+    train_steps = [event.step for event in events.Scalars("train_acc")]
+    assert train_steps == [2, 5, 8]  # 3 batches an epoch; epoch metrics at global_step - 1
+    for kind in ("clean", "running", "gap"):
+        scalars = events.Scalars(f"evalguard/{kind}/acc")
+        assert [event.step for event in scalars] == train_steps
+        assert [event.value for event in scalars] == pytest.approx(
+            [entry[kind]["acc"] for entry in guard.history], abs=1e-6
+        )
+    running = [event.value for event in events.Scalars("train_acc")]
+    assert [event.value for event in events.Scalars("evalguard/running/acc")] == pytest.approx(running)
+
+
+def test_logged_metrics_go_to_every_attached_logger(tmp_path):
+    mock = Mock(spec=Logger)
+    mock.save_dir = None
+    mock.log_dir = None
+    mock.name = "mock"
+    mock.version = 0
+    guard = EvalGuard({"acc": acc()})
+    pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=[guard], logger=[mock, TensorBoardLogger(tmp_path)])
+    pl_trainer.fit(Classifier("linear"), data())
+    logged = [call.kwargs.get("metrics", call.args[0] if call.args else None) for call in mock.log_metrics.call_args_list]
+    steps = [call.kwargs.get("step") for call in mock.log_metrics.call_args_list]
+    with_clean = [(metrics, step) for metrics, step in zip(logged, steps, strict=True) if "evalguard/clean/acc" in metrics]
+    assert [step for _, step in with_clean] == [2, 5]
+    for (metrics, _), entry in zip(with_clean, guard.history, strict=True):
+        assert metrics["evalguard/clean/acc"] == pytest.approx(entry["clean"]["acc"])
+        assert metrics["evalguard/gap/acc"] == pytest.approx(entry["gap"]["acc"])
+        assert "train_acc" in metrics
+    assert set(pl_trainer.callback_metrics) >= {"evalguard/clean/acc", "evalguard/running/acc", "evalguard/gap/acc"}
+
+
+def test_gap_is_clean_minus_running_and_history_has_its_shape(tmp_path):
+    guard = EvalGuard({"acc": acc()})
+    pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=[guard])
+    pl_trainer.fit(Classifier("both"), data())
+    assert [entry["epoch"] for entry in guard.history] == [0, 1]
+    assert [entry["step"] for entry in guard.history] == [3, 6]
+    for entry in guard.history:
+        assert set(entry) == {"epoch", "step", "clean", "running", "gap"}
+        assert entry["gap"]["acc"] == pytest.approx(entry["clean"]["acc"] - entry["running"]["acc"])
+    assert float(pl_trainer.callback_metrics["evalguard/running/acc"]) == pytest.approx(
+        float(pl_trainer.callback_metrics["train_acc"])
+    )
+
+
+def test_model_checkpoint_can_monitor_the_clean_metric(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="evalguard/clean/acc", mode="max", save_top_k=1)
+    guard = EvalGuard({"acc": acc()})
+    pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=[checkpoint, guard], enable_checkpointing=True)
+    pl_trainer.fit(Classifier("linear"), data())
+    assert checkpoint.best_model_score is not None
+    assert float(checkpoint.best_model_score) == pytest.approx(max(e["clean"]["acc"] for e in guard.history))
+
+
+class Logs(Classifier):
+    """Logs the running accuracy under a chosen key and with chosen flags."""
+
+    def __init__(self, key: str, on_step: bool = False, on_epoch: bool = True, late: bool = False) -> None:
+        super().__init__("linear")
+        self.key, self.on_step, self.on_epoch, self.late = key, on_step, on_epoch, late
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        self.train_acc.update(logits, y)
+        if not self.late:
+            batch_acc = (logits.argmax(dim=1) == y).float().mean()
+            self.log(self.key, batch_acc, on_step=self.on_step, on_epoch=self.on_epoch)
+        return torch.nn.functional.cross_entropy(logits, y)
+
+    def on_train_epoch_end(self) -> None:
+        if self.late:
+            self.log(self.key, self.train_acc.compute())
+            self.train_acc.reset()
+
+
+@pytest.mark.parametrize(
+    ("key", "on_step", "found"),
+    [
+        ("train_acc", False, "train_acc"),
+        ("train/acc", False, "train/acc"),
+        ("train_acc", True, "train_acc"),  # on_step and on_epoch: train_acc is the epoch value
+    ],
+)
+def test_running_key_is_found_among_the_candidates(tmp_path, key, on_step, found):
+    guard = EvalGuard({"acc": acc()})
+    pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=[guard])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EvalGuardWarning)
+        pl_trainer.fit(Logs(key, on_step=on_step), data())
+    assert guard.history[-1]["running"]["acc"] == pytest.approx(float(pl_trainer.callback_metrics[found]))
+
+
+def test_candidate_order_prefers_train_underscore_name(tmp_path):
+    class Both(Logs):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            self.log("train/acc", 5.0, on_step=False, on_epoch=True)
+            return super().training_step(batch, batch_idx)
+
+    guard = EvalGuard({"acc": acc()})
+    pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[guard])
+    pl_trainer.fit(Both("train_acc"), data())
+    assert guard.history[-1]["running"]["acc"] == pytest.approx(float(pl_trainer.callback_metrics["train_acc"]))
+    assert guard.history[-1]["running"]["acc"] != 5.0
+
+
+def test_running_argument_names_the_key(tmp_path):
+    guard = EvalGuard({"acc": acc()}, running={"acc": "my_running_accuracy"})
+    pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[guard])
+    pl_trainer.fit(Logs("my_running_accuracy"), data())
+    value = float(pl_trainer.callback_metrics["my_running_accuracy"])
+    assert guard.history[-1]["running"]["acc"] == pytest.approx(value)
+
+
+def test_missing_running_metric_warns_once_listing_the_keys_and_still_logs_clean(tmp_path):
+    guard = EvalGuard({"acc": acc()})
+    pl_trainer = trainer(tmp_path, max_epochs=3, callbacks=[guard])
+    with pytest.warns(EvalGuardWarning, match=r"no running metric for 'acc'.*looked for \['train_acc', 'train/acc'") as record:
+        pl_trainer.fit(Logs("accuracy_of_training"), data())
+    messages = [str(w.message) for w in record if issubclass(w.category, EvalGuardWarning)]
+    assert len(messages) == 1
+    assert "'accuracy_of_training'" in messages[0]
+    assert "evalguard/clean/acc" in pl_trainer.callback_metrics
+    assert "evalguard/gap/acc" not in pl_trainer.callback_metrics
+    assert all(entry["running"] == {} and entry["gap"] == {} for entry in guard.history)
+
+
+def test_a_key_logged_with_on_epoch_false_warns_once(tmp_path):
+    guard = EvalGuard({"acc": acc()})
+    pl_trainer = trainer(tmp_path, max_epochs=3, callbacks=[guard])
+    with pytest.warns(EvalGuardWarning, match=r"'train_acc', which was logged with on_epoch=False.*on_epoch=True") as rec:
+        pl_trainer.fit(Logs("train_acc", on_step=True, on_epoch=False), data())
+    assert sum(issubclass(w.category, EvalGuardWarning) for w in rec) == 1
+
+
+def test_a_key_logged_in_the_module_on_train_epoch_end_warns_once(tmp_path):
+    guard = EvalGuard({"acc": acc()})
+    pl_trainer = trainer(tmp_path, max_epochs=3, callbacks=[guard])
+    with pytest.warns(EvalGuardWarning, match=r"'train_acc' was logged after EvalGuard read it.*on_train_epoch_end") as rec:
+        pl_trainer.fit(Logs("train_acc", late=True), data())
+    assert sum(issubclass(w.category, EvalGuardWarning) for w in rec) == 1
+    # and it is indeed the previous epoch's value that was compared
+    assert guard.history[1]["running"]["acc"] != pytest.approx(float(pl_trainer.callback_metrics["train_acc"]))
+
+
+def test_late_key_is_caught_also_when_the_first_pass_comes_after_several_epochs(tmp_path):
+    guard = EvalGuard({"acc": acc()}, every_n_epochs=2)
+    pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=[guard])
+    with pytest.warns(EvalGuardWarning, match=r"'train_acc' was logged after EvalGuard read it"):
+        pl_trainer.fit(Logs("train_acc", late=True), data())
+
+
+def test_a_clean_setup_gives_no_warning(tmp_path):
+    guard = EvalGuard({"acc": acc()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EvalGuardWarning)
+        trainer(tmp_path, max_epochs=3, callbacks=[guard]).fit(Classifier("both"), data())
+
+
+def test_state_dict_is_plain_and_loads_with_weights_only(tmp_path):
+    guard = EvalGuard({"acc": acc()}, limit_batches=0.5)
+    pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=[guard])
+    pl_trainer.fit(Classifier("linear"), data())
+    path = tmp_path / "state.pt"
+    torch.save(guard.state_dict(), path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded == guard.state_dict()
+    assert loaded["history"] == guard.history and len(loaded["subsets"][""]) == 20
+    fresh = EvalGuard({"acc": acc()})
+    fresh.load_state_dict(loaded)
+    assert fresh.history == guard.history
+    fresh.load_state_dict({})  # an older or foreign checkpoint without the keys
+    assert fresh.history == []
+
+
+def test_resuming_continues_the_history_and_two_prefixes_coexist_in_one_checkpoint(tmp_path):
+    def guards() -> list[EvalGuard]:
+        return [EvalGuard({"acc": acc()}), EvalGuard({"acc": acc()}, prefix="eg2", every_n_epochs=2)]
+
+    first = guards()
+    pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=first, enable_checkpointing=True)
+    pl_trainer.fit(Classifier("linear"), data())
+    path = tmp_path / "two.ckpt"
+    pl_trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    keys = {key for key in checkpoint["callbacks"] if "EvalGuard" in key}
+    assert keys == {"EvalGuard{'prefix': 'evalguard'}", "EvalGuard{'prefix': 'eg2'}"}
+
+    second = guards()
+    resumed = trainer(tmp_path, max_epochs=4, callbacks=second, enable_checkpointing=True)
+    resumed.fit(Classifier("linear"), data(), ckpt_path=path)
+    assert [entry["epoch"] for entry in second[0].history] == [0, 1, 2, 3]
+    assert [entry["epoch"] for entry in second[1].history] == [1, 3]
+    assert second[0].history[:2] == first[0].history
+    assert {"evalguard/clean/acc", "eg2/clean/acc"} <= set(resumed.callback_metrics)
