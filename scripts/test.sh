@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
-.venv/bin/ruff check lightning_evalguard tests examples benchmarks
+.venv/bin/ruff check .
 .venv/bin/mypy
 set +e
 .venv/bin/python -m pytest -p no:cacheprovider
