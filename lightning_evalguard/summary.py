@@ -1,0 +1,145 @@
+"""The words and tables that explain EvalGuard's numbers: the one-sentence reading, and the end-of-fit summary."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+__all__ = ["EFFECT_LABELS", "format_value", "reading", "summary_rows", "summary_text"]
+
+#: Effect kinds (the ``<prefix>/effect/<kind>/<name>`` keys) and how the reading names them.
+EFFECT_LABELS: dict[str, str] = {
+    "train_mode": "train mode (Dropout, BatchNorm batch statistics)",
+    "augmentation": "augmentation",
+    "weight_drift": "weights moving during the epoch",
+}
+
+
+def _is_fraction(*values: float | None) -> bool:
+    present = [value for value in values if value is not None and not math.isnan(value)]
+    return bool(present) and all(0.0 <= value <= 1.0 for value in present)
+
+
+def format_value(value: float | None) -> str:
+    """Format a metric value for a table: four decimals, or ``-`` when absent.
+
+    Args:
+        value: The value, or None.
+
+    Returns:
+        The text.
+    """
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:.4f}"
+
+
+def reading(
+    name: str,
+    running: float | None,
+    clean: float,
+    effects: Mapping[str, float] | None = None,
+    validation: float | None = None,
+) -> str:
+    """One sentence that says what the numbers mean.
+
+    For metrics in [0, 1] differences are in points (x 100), e.g. "running acc understates clean acc by 4.1 points;
+    3.2 of them come from augmentation".
+
+    Args:
+        name: The metric name.
+        running: The running train value, or None when it was not found.
+        clean: The clean value.
+        effects: ``{"train_mode" | "augmentation" | "weight_drift": value}`` when the gap was decomposed.
+        validation: The validation value, when known.
+
+    Returns:
+        The sentence, ending with a full stop.
+    """
+    points = _is_fraction(running, clean, validation)
+    scale, unit = (100.0, " points") if points else (1.0, "")
+
+    def amount(value: float, with_unit: bool = True) -> str:
+        if not points:
+            return f"{abs(value):.4g}"
+        return f"{abs(value) * scale:.1f}" + (unit if with_unit else "")
+
+    if running is None:
+        sentence = f"clean {name} is {format_value(clean)}; no running {name} was found to compare with"
+    else:
+        gap = clean - running
+        if abs(gap * scale) < 0.05:
+            sentence = f"running {name} matches clean {name} (gap {amount(gap)})"
+        else:
+            verb = "understates" if gap > 0 else "overstates"
+            sentence = f"running {name} {verb} clean {name} by {amount(gap)}"
+            if effects:
+                same_sign = {kind: value for kind, value in effects.items() if value * gap > 0}
+                if same_sign:
+                    kind = max(same_sign, key=lambda k: abs(same_sign[k]))
+                    label = EFFECT_LABELS.get(kind, kind)
+                    sentence += f"; {amount(same_sign[kind], with_unit=False)} of them come from {label}"
+    if validation is not None:
+        generalization = clean - validation
+        direction = "below" if generalization >= 0 else "above"
+        sentence += f"; validation {name} is {amount(generalization)} {direction} clean (generalization gap)"
+    return sentence + "."
+
+
+def summary_rows(
+    names: Sequence[str], last: Mapping[str, Mapping[str, float]]
+) -> list[dict[str, str]]:
+    """Rows of the summary table, one per metric, from the last evaluated epoch.
+
+    Args:
+        names: The metric names, in order.
+        last: ``{"clean": {...}, "running": {...}, "gap": {...}, "validation": {...}, "generalization": {...},
+            "effect/<kind>": {...}}``; missing groups are allowed.
+
+    Returns:
+        One dict per metric with the formatted columns and the reading.
+    """
+    rows = []
+    for name in names:
+        def get(group: str, metric: str = name) -> float | None:
+            return last.get(group, {}).get(metric)
+
+        clean = get("clean")
+        if clean is None:
+            continue
+        effects = {kind: value for kind in EFFECT_LABELS if (value := get(f"effect/{kind}")) is not None}
+        rows.append(
+            {
+                "metric": name,
+                "running": format_value(get("running")),
+                "clean": format_value(clean),
+                "gap": format_value(get("gap")),
+                "validation": format_value(get("validation")),
+                "generalization": format_value(get("generalization")),
+                **{f"effect/{kind}": format_value(value) for kind, value in effects.items()},
+                "reading": reading(name, get("running"), clean, effects or None, get("validation")),
+            }
+        )
+    return rows
+
+
+def summary_text(rows: Sequence[Mapping[str, str]], title: str = "EvalGuard summary") -> str:
+    """Render summary rows as a plain-text table followed by the readings.
+
+    Args:
+        rows: From :func:`summary_rows`.
+        title: The first line.
+
+    Returns:
+        The text, without a trailing newline.
+    """
+    if not rows:
+        return f"{title}: no clean pass has run."
+    columns = [column for column in rows[0] if column != "reading"]
+    for row in rows[1:]:
+        columns += [column for column in row if column != "reading" and column not in columns]
+    widths = {column: max(len(column), *(len(row.get(column, "-")) for row in rows)) for column in columns}
+    lines = [title, "  ".join(column.ljust(widths[column]) for column in columns)]
+    lines += ["  ".join(row.get(column, "-").ljust(widths[column]) for column in columns) for row in rows]
+    lines += [f"{row['metric']}: {row['reading']}" for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
