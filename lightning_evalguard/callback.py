@@ -25,6 +25,7 @@ from lightning_evalguard.data import (
     fixed_subset,
     is_iterable_dataset,
     named_loaders,
+    pads_samples,
     rebuild_loader,
     resolve_batch_size,
     shard,
@@ -33,6 +34,7 @@ from lightning_evalguard.data import (
     validation_transform,
 )
 from lightning_evalguard.isolation import (
+    broadcast_buffers,
     eval_mode,
     isolated_rng,
     preserved_buffers,
@@ -46,12 +48,19 @@ if TYPE_CHECKING:
 
 __all__ = ["EvalGuard", "EvalGuardWarning"]
 
+try:  # the standalone `pytorch_lightning` package: EvalGuard is a callback of both namespaces when it is installed
+    from pytorch_lightning import Callback as _StandaloneCallback
+except ImportError:  # pragma: no cover - exercised where pytorch_lightning is absent
+
+    class _StandaloneCallback:  # type: ignore[no-redef]
+        """Stands in for ``pytorch_lightning.Callback`` when that package is not installed."""
+
 
 class EvalGuardWarning(UserWarning):
     """A set-up that makes EvalGuard's comparison wrong or impossible (given once, on rank zero)."""
 
 
-class EvalGuard(Callback):
+class EvalGuard(Callback, _StandaloneCallback):
     r"""Measure the training set cleanly at the end of training epochs and log the gap to the running metrics.
 
     After every ``every_n_epochs``-th training epoch, EvalGuard runs the model over the training data with every
@@ -226,38 +235,42 @@ class EvalGuard(Callback):
         sources = self._clean_sources(trainer, pl_module)
         eval_value = self._eval_transform_value(trainer, pl_module, sources)
         values: dict[str, torch.Tensor] = {}
-        with (
-            preserved_buffers(pl_module),
-            eval_mode(pl_module),
-            trainer_not_training(trainer),
-            torch.inference_mode(),
-        ):
-            for source in sources:
-                metrics = self._metrics_for(source.name, pl_module.device)
-                if source.generator is not None:
-                    source.generator.manual_seed(self.seed)
-                swap = (
-                    swapped_attribute(source.transform_holders, self.transform_attr, eval_value)
-                    if source.transform_holders
-                    else contextlib.nullcontext()
-                )
-                with swap:
-                    batches = run_pass(trainer, pl_module, source.loader, metrics, self.forward, source.max_batches)
-                if self._total(trainer, pl_module, batches) == 0:
-                    self._warn_once(
-                        f"empty:{source.name}",
-                        "EvalGuard's clean pass found no batches"
-                        + (f" in training loader {source.name!r}" if source.name else "")
-                        + "; nothing is logged for it. Is the training set empty?",
-                    )
-                    continue
-                for name, value in flatten_scalars(metrics.compute()).items():
-                    values[join_key(source.name, name)] = value
+        with preserved_buffers(pl_module), eval_mode(pl_module), trainer_not_training(trainer):
+            broadcast_buffers(pl_module, src=0)  # under DDP every rank evaluates rank 0's model
+            with torch.inference_mode():
+                values = self._pass_over(trainer, pl_module, sources, eval_value)
         if not values:
             return {}
         # One host sync per pass, not per batch.
         numbers = torch.stack([value.detach().to(torch.float64).cpu() for value in values.values()]).tolist()
         return dict(zip(values, numbers, strict=True))
+
+    def _pass_over(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, sources: list[CleanSource], eval_value: Any
+    ) -> dict[str, torch.Tensor]:
+        values: dict[str, torch.Tensor] = {}
+        for source in sources:
+            metrics = self._metrics_for(source.name, pl_module.device)
+            if source.generator is not None:
+                source.generator.manual_seed(self.seed)
+            swap = (
+                swapped_attribute(source.transform_holders, self.transform_attr, eval_value)
+                if source.transform_holders
+                else contextlib.nullcontext()
+            )
+            with swap:
+                batches = run_pass(trainer, pl_module, source.loader, metrics, self.forward, source.max_batches)
+            if self._total(trainer, pl_module, batches) == 0:
+                self._warn_once(
+                    f"empty:{source.name}",
+                    "EvalGuard's clean pass found no batches"
+                    + (f" in training loader {source.name!r}" if source.name else "")
+                    + "; nothing is logged for it. Is the training set empty?",
+                )
+                continue
+            for name, value in flatten_scalars(metrics.compute()).items():
+                values[join_key(source.name, name)] = value
+        return values
 
     def _total(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: int) -> int:
         if trainer.world_size == 1:
@@ -290,6 +303,16 @@ class EvalGuard(Callback):
         user = user_clean_loader(trainer, pl_module, self.dataloader)
         if user is not None:
             mechanism, loader = user
+            if trainer.world_size > 1 and pads_samples(loader):
+                self._warn_once(
+                    "padding-sampler",
+                    "EvalGuard's clean loader from "
+                    + ("`dataloader=`" if mechanism == "dataloader" else "`clean_train_dataloader()`")
+                    + " uses a DistributedSampler that pads the ranks with repeated samples, which biases the clean"
+                    " metric. Shard it without padding: sampler=UnrepeatedDistributedSampler(dataset,"
+                    " num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)"
+                    " (from lightning.pytorch.overrides.distributed).",
+                )
             sources = [CleanSource(None, loader, mechanism, max_batches=self._user_loader_limit(loader, mechanism))]
         else:
             sources = [self._rebuilt_source(trainer, name, loader) for name, loader in named_loaders(train_loaders)]
@@ -375,6 +398,9 @@ class EvalGuard(Callback):
                     " the last batch's value, not the epoch's. Log it with"
                     f" `self.log({key!r}, ..., on_epoch=True)` in training_step.",
                 )
+        if trainer.world_size > 1:
+            # Rank-local running values differ when they were logged without sync_dist; take the logger's (rank 0).
+            running = trainer.strategy.broadcast(running, src=0)
         gap = {name: clean[name] - running[name] for name in running}
         for kind, values in (("clean", clean), ("running", running), ("gap", gap)):
             for name, value in values.items():

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
 
 from lightning_evalguard.isolation import find_attribute_holders
 
@@ -25,6 +25,7 @@ __all__ = [
     "IndexSampler",
     "fixed_subset",
     "named_loaders",
+    "pads_samples",
     "rebuild_loader",
     "resolve_batch_size",
     "shard",
@@ -304,8 +305,27 @@ def validation_transform(trainer: pl.Trainer, pl_module: pl.LightningModule, att
     )
 
 
-def _overrides_val_dataloader(owner: Any) -> bool:
-    # `val_dataloader` exists on every LightningModule/LightningDataModule and raises unless overridden.
-    from lightning.pytorch.utilities.model_helpers import is_overridden
+def pads_samples(loader: Any) -> bool:
+    """Whether ``loader`` shards with a ``DistributedSampler`` that repeats samples to even out the ranks.
 
-    return is_overridden("val_dataloader", owner)
+    Args:
+        loader: A clean loader supplied by the user.
+
+    Returns:
+        True when its sampler is a padding ``DistributedSampler`` and the dataset does not divide evenly.
+    """
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return False
+    if type(sampler).__name__.startswith("Unrepeated"):
+        return False
+    return bool(sampler.total_size != len(sampler.dataset))  # type: ignore[arg-type]
+
+
+def _overrides_val_dataloader(owner: Any) -> bool:
+    # `val_dataloader` exists on every LightningModule/LightningDataModule (of either Lightning namespace) and raises
+    # unless overridden: the first class in the MRO that defines it tells whether the user did.
+    for klass in type(owner).__mro__:
+        if "val_dataloader" in vars(klass):
+            return not klass.__module__.startswith(("lightning.pytorch.", "pytorch_lightning."))
+    return False

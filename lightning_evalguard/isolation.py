@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = [
+    "broadcast_buffers",
     "eval_mode",
     "find_attribute_holders",
     "isolated_rng",
@@ -104,6 +105,26 @@ def preserved_buffers(module: nn.Module) -> Iterator[None]:
                 if getattr(submodule, name, None) is not buffer:
                     setattr(submodule, name, buffer)
                 buffer.copy_(values)
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers into every rank's module (no-op without an initialised process group).
+
+    After the last training step each DDP rank has updated its BatchNorm running statistics on its own batch, so
+    the ranks hold slightly different models. Broadcasting rank 0's buffers makes every rank evaluate the model a
+    checkpoint would save. Call it inside :func:`preserved_buffers` so each rank gets its own buffers back.
+
+    Args:
+        module: The module whose buffers are overwritten in place.
+        src: The rank whose buffers are kept.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() < 2:
+        return
+    with torch.no_grad():
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=src)
 
 
 @contextmanager

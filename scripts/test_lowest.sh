@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Run the test suite against the lowest supported versions (README, "Supported versions") in .venv-lowest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rm -rf .venv-lowest
+python3 -m venv .venv-lowest
+.venv-lowest/bin/python -m pip install --quiet --upgrade pip
+.venv-lowest/bin/python -m pip install --quiet "torch==2.13.0"
+.venv-lowest/bin/python -m pip install --quiet \
+  "lightning==2.4.0" "pytorch-lightning==2.4.0" "torchmetrics==1.3.0.post0" "tensorboard==2.18.0" "numpy==1.26.4"
+.venv-lowest/bin/python -m pip install --quiet -e ".[test]" \
+  "lightning==2.4.0" "pytorch-lightning==2.4.0" "torchmetrics==1.3.0.post0" "tensorboard==2.18.0" "numpy==1.26.4"
+set +e
+.venv-lowest/bin/python -m pytest -p no:cacheprovider -q
+status=$?
+set -e
+if [ "$status" -eq 5 ]; then
+  echo "pytest collected no tests: failing" >&2
+  exit 1
+fi
+exit "$status"

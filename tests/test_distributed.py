@@ -1,0 +1,128 @@
+"""Under DDP (CPU, gloo, 2 processes) the clean pass is exact: each sample once, the single-process number."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from distributed_helpers import CountSamples, MeanLogit, SameOnEveryRank
+from torch import nn
+from torch.utils.data import DistributedSampler
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_evalguard import EvalGuard
+from lightning_evalguard.data import fixed_subset, pads_samples, shard
+
+from helpers import NUM_CLASSES, Classifier, NumpyNoise, TensorData, accuracy, loader, make_tensors, trainer
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
+
+N = 65  # odd: 33 + 32 samples on two ranks
+
+
+def subset_indices(limit: float | None) -> list[int]:
+    subset = fixed_subset(N, limit, 8, 0, None)
+    return list(range(N)) if subset is None else subset
+
+
+def guard(limit: float | None) -> EvalGuard:
+    return EvalGuard(
+        {"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro"), "n": CountSamples(), "logit": MeanLogit()},
+        eval_transform=nn.Identity(),
+        batch_size=8,
+        limit_batches=limit,
+    )
+
+
+def check(metrics: dict[str, Any], model: torch.nn.Module, limit: float | None) -> None:
+    x, y = make_tensors(N)
+    indices = subset_indices(limit)
+    assert float(metrics["evalguard/clean/n"]) == len(indices)  # every sample exactly once across the ranks
+    expected = accuracy(model, x[indices], y[indices])  # single process, on the final (rank 0) weights and buffers
+    assert float(metrics["evalguard/clean/acc"]) == pytest.approx(expected, abs=1e-6)
+    model.eval()
+    with torch.no_grad():
+        logit_sum = model(x[indices])[:, 0].double().sum().item()
+    assert float(metrics["evalguard/clean/logit"]) == pytest.approx(logit_sum, rel=1e-5, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "limit"), [("ddp_fork", None), ("ddp_fork", 0.5), ("ddp_spawn", None)]
+)
+def test_ddp_pass_counts_each_sample_once_and_equals_a_single_process_computation(tmp_path, strategy, limit):
+    x, y = make_tensors(N)
+    model = Classifier("batchnorm")
+    pl_trainer = trainer(
+        tmp_path,
+        max_epochs=2,
+        devices=2,
+        strategy=strategy,
+        callbacks=[guard(limit), SameOnEveryRank(tmp_path / "history.json")],
+    )
+    pl_trainer.fit(model, loader(TensorData(x, y, NumpyNoise()), batch_size=11))
+    check(pl_trainer.callback_metrics, model, limit)
+    history = json.loads((tmp_path / "history.json").read_text())["history"]
+    assert [entry["clean"]["n"] for entry in history] == [len(subset_indices(limit))] * 2
+
+
+def test_ddp_strategy_through_a_launched_script(tmp_path):
+    script = Path(__file__).resolve().parent / "ddp_script.py"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "0.5"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = Classifier("batchnorm")
+    model.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True))
+    check(json.loads((tmp_path / "metrics.json").read_text()), model, 0.5)
+    assert json.loads((tmp_path / "history.json").read_text())["world_size"] == 2
+
+
+def test_checkpoint_resumes_across_world_sizes(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    x, y = make_tensors(N)
+    data = loader(TensorData(x, y), batch_size=11)
+
+    def run(devices: int, epochs: int, out: str, ckpt: Any = None) -> list[dict[str, Any]]:
+        save = ModelCheckpoint(dirpath=tmp_path / out, save_last=True)
+        strategy = "ddp_fork" if devices > 1 else "auto"
+        callbacks = [guard(0.5), SameOnEveryRank(tmp_path / f"{out}.json"), save]
+        pl_trainer = trainer(
+            tmp_path, max_epochs=epochs, devices=devices, strategy=strategy, callbacks=callbacks, enable_checkpointing=True
+        )
+        pl_trainer.fit(Classifier("linear"), data, ckpt_path=ckpt)
+        return json.loads((tmp_path / f"{out}.json").read_text())["history"]
+
+    two = run(2, 1, "two")
+    one = run(1, 2, "one", tmp_path / "two" / "last.ckpt")
+    assert [entry["epoch"] for entry in one] == [0, 1] and one[0] == two[0]
+    back = run(2, 3, "back", tmp_path / "one" / "last.ckpt")
+    assert [entry["epoch"] for entry in back] == [0, 1, 2] and back[:2] == one
+    assert {entry["clean"]["n"] for entry in back} == {len(subset_indices(0.5))}
+
+
+def test_shards_cover_every_index_once_without_padding():
+    indices = subset_indices(None)
+    shards = [shard(indices, rank, 2) for rank in range(2)]
+    assert [len(part) for part in shards] == [33, 32]
+    assert sorted(shards[0] + shards[1]) == indices
+
+
+def test_a_padding_distributed_sampler_is_detected():
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    x, y = make_tensors(N)
+    data = TensorData(x, y)
+    padding = torch.utils.data.DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0))
+    unrepeated = torch.utils.data.DataLoader(data, sampler=UnrepeatedDistributedSampler(data, num_replicas=2, rank=0))
+    even = torch.utils.data.DataLoader(TensorData(x[:64], y[:64]), sampler=DistributedSampler(data, num_replicas=2, rank=0))
+    assert pads_samples(padding)
+    assert not pads_samples(unrepeated)
+    assert not pads_samples(even) or len(even.sampler.dataset) % 2  # type: ignore[attr-defined]
