@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 __all__ = [
     "check_batch_size",
+    "check_bool",
     "check_dataloader",
     "check_eval_transform",
     "check_every_n_epochs",
@@ -142,12 +143,24 @@ def check_forward(value: Any) -> Any:
     raise TypeError(f"`forward` must be a callable (module, batch) -> (preds, target), or None ({_got(value)}).")
 
 
-def check_running(value: Any, names: list[str]) -> dict[str, str] | None:
-    """Check ``running``: None or a mapping from metric names to ``trainer.callback_metrics`` keys.
+def check_bool(name: str, value: Any) -> bool:
+    """Check that argument ``name`` is a bool.
+
+    Raises:
+        TypeError: If it is not.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool ({_got(value)}).")
+    return value
+
+
+def check_running(value: Any, names: list[str], name: str = "running") -> dict[str, str] | None:
+    """Check ``running`` (or ``val``): None or a mapping from metric names to ``trainer.callback_metrics`` keys.
 
     Args:
         value: The argument.
         names: The metric names, which the mapping's keys must be among.
+        name: The argument's name, for messages.
 
     Raises:
         TypeError: If it is not a mapping of str to str.
@@ -156,10 +169,10 @@ def check_running(value: Any, names: list[str]) -> dict[str, str] | None:
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise TypeError(f"`running` must be a mapping of metric names to logged keys, or None ({_got(value)}).")
-    for name, key in value.items():
-        if not isinstance(name, str) or not isinstance(key, str):
-            raise TypeError(f"`running` must map str metric names to str keys (got {name!r}: {key!r}).")
-        if not any(name == known or name.endswith("/" + known) or name.startswith(known + "/") for known in names):
-            raise ValueError(f"`running` names metric {name!r}, which is not among the metrics {names}.")
+        raise TypeError(f"`{name}` must be a mapping of metric names to logged keys, or None ({_got(value)}).")
+    for metric, key in value.items():
+        if not isinstance(metric, str) or not isinstance(key, str):
+            raise TypeError(f"`{name}` must map str metric names to str keys (got {metric!r}: {key!r}).")
+        if not any(f"/{known}/" in f"/{metric}/" for known in names):
+            raise ValueError(f"`{name}` names metric {metric!r}, which is not among the metrics {names}.")
     return dict(value)

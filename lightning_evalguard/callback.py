@@ -6,20 +6,21 @@ import contextlib
 import copy
 import math
 import sys
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Union
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader
 from torchmetrics import Metric, MetricCollection
 from typing_extensions import override
 
 from lightning_evalguard import arguments
+from lightning_evalguard import guards as guard_checks
 from lightning_evalguard._lightning import logged_flags
-from lightning_evalguard.clean_pass import ForwardFn, default_forward, run_pass
+from lightning_evalguard.clean_pass import ForwardFn, checked_forward, default_forward, prepare_batch, run_pass
 from lightning_evalguard.data import (
     CleanSource,
     fixed_subset,
@@ -33,6 +34,7 @@ from lightning_evalguard.data import (
     user_clean_loader,
     validation_transform,
 )
+from lightning_evalguard.errors import EvalGuardError, EvalGuardWarning
 from lightning_evalguard.isolation import (
     broadcast_buffers,
     eval_mode,
@@ -41,23 +43,32 @@ from lightning_evalguard.isolation import (
     swapped_attribute,
     trainer_not_training,
 )
-from lightning_evalguard.metrics import clean_collection, flatten_scalars, join_key, running_candidates
+from lightning_evalguard.metrics import (
+    clean_collection,
+    flatten_scalars,
+    join_key,
+    running_candidates,
+    validation_candidates,
+)
+from lightning_evalguard.summary import render_summary, summary_rows, summary_text
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["EvalGuard", "EvalGuardWarning"]
+__all__ = ["EvalGuard", "EvalGuardError", "EvalGuardWarning"]
 
-try:  # the standalone `pytorch_lightning` package: EvalGuard is a callback of both namespaces when it is installed
-    from pytorch_lightning import Callback as _StandaloneCallback
-except ImportError:  # pragma: no cover - exercised where pytorch_lightning is absent
+#: The passes a measurement may run: the clean one, and for ``decompose=True`` pass B and pass C.
+_CLEAN, _TRAIN_MODE, _AUGMENTED = "clean", "train_mode_pass", "augmented_pass"
 
-    class _StandaloneCallback:  # type: ignore[no-redef]
-        """Stands in for ``pytorch_lightning.Callback`` when that package is not installed."""
-
-
-class EvalGuardWarning(UserWarning):
-    """A set-up that makes EvalGuard's comparison wrong or impossible (given once, on rank zero)."""
+# The standalone `pytorch_lightning` package: when it is installed, EvalGuard is a callback of both namespaces, so
+# the same object works with `lightning.pytorch.Trainer` and `pytorch_lightning.Trainer` (their hooks are the same).
+if TYPE_CHECKING:
+    _StandaloneCallback = object
+else:
+    try:
+        from pytorch_lightning import Callback as _StandaloneCallback
+    except ImportError:  # pragma: no cover - exercised where pytorch_lightning is absent
+        _StandaloneCallback = object
 
 
 class EvalGuard(Callback, _StandaloneCallback):
@@ -141,6 +152,10 @@ class EvalGuard(Callback, _StandaloneCallback):
         batch_size: Union[int, None] = None,
         prefix: str = "evalguard",
         seed: int = 0,
+        val: Union[Mapping[str, str], None] = None,
+        decompose: bool = False,
+        guards: Literal["raise", "warn", "off"] = "raise",
+        print_summary: bool = True,
     ) -> None:
         super().__init__()
         self._template = clean_collection(metrics)
@@ -157,6 +172,10 @@ class EvalGuard(Callback, _StandaloneCallback):
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"`seed` must be an int (got {seed!r} that is a {type(seed).__name__}).")
         self.seed = seed
+        self.val = arguments.check_running(val, self.metric_names, name="val")
+        self.decompose = arguments.check_bool("decompose", decompose)
+        self.guards = guard_checks.check_guard_mode(guards)
+        self.print_summary = arguments.check_bool("print_summary", print_summary)
 
         self.history: list[dict[str, Any]] = []
         self._subsets: dict[str, list[int]] = {}
@@ -165,6 +184,7 @@ class EvalGuard(Callback, _StandaloneCallback):
         self._metrics: dict[str | None, MetricCollection] = {}
         self._warned: set[str] = set()
         self._running_read: dict[str, tuple[str | None, float | None]] = {}
+        self._validated_epoch: int | None = None
 
     @property
     @override
@@ -179,12 +199,28 @@ class EvalGuard(Callback, _StandaloneCallback):
             self._sources = None
             self._sources_for_loaders = None
             self._running_read = {}
+            self._validated_epoch = None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Build (and so check) the clean data before the first training step, isolated from the training RNG.
         with isolated_rng():
-            self._clean_sources(trainer, pl_module)
+            sources = self._clean_sources(trainer, pl_module)
+            if self.decompose and any(source.mechanism != "rebuilt" for source in sources):
+                raise ValueError(
+                    "EvalGuard(decompose=True) runs the same samples with and without augmentation, so it needs to"
+                    " rebuild the training loader; it cannot with `dataloader=` or `clean_train_dataloader()`. Use"
+                    " `eval_transform=` instead, or decompose=False."
+                )
+            if self.eval_transform == "val" and trainer.val_dataloaders is not None:
+                self._eval_transform_value(trainer, pl_module, sources)  # fails now rather than after an epoch
+            if self.guards != "off":
+                self._start_guards(trainer, pl_module, sources)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated_epoch = trainer.current_epoch
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -199,9 +235,10 @@ class EvalGuard(Callback, _StandaloneCallback):
         if not self._due(trainer):
             return
         epoch = trainer.current_epoch
+        before = guard_checks.snapshot(trainer, pl_module) if self.guards != "off" else None
         try:
             with isolated_rng():
-                clean = self._measure(trainer, pl_module)
+                measured = self._measure(trainer, pl_module)
         except Exception as exc:
             _add_note(
                 exc,
@@ -209,8 +246,38 @@ class EvalGuard(Callback, _StandaloneCallback):
                 " states, the trainer's stage and the dataset's transform were restored.",
             )
             raise
-        if clean:
-            self._log(trainer, pl_module, clean)
+        if before is not None:
+            changes = guard_checks.state_changes(before, guard_checks.snapshot(trainer, pl_module))
+            if changes:
+                self._guard_failed(
+                    "state",
+                    f"EvalGuard's clean pass after epoch {epoch} did not leave the run as it found it: "
+                    + "; ".join(changes)
+                    + ". A hook called during the pass (on_before_batch_transfer, transfer_batch_to_device,"
+                    " on_after_batch_transfer, forward) changed it.",
+                )
+        if measured.get(_CLEAN):
+            self._log(trainer, pl_module, measured)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.print_summary and self.history and trainer.is_global_zero:
+            _print_summary(self._summary_rows())
+
+    def summary(self) -> str:
+        """The end-of-fit summary as plain text: the last values per metric, and a one-sentence reading of each.
+
+        Returns:
+            A table of running, clean, gap, validation and generalization values (and the effects when decomposing)
+            from the last evaluated epoch, followed by one reading per metric.
+        """
+        return summary_text(self._summary_rows())
+
+    def _summary_rows(self) -> list[dict[str, str]]:
+        if not self.history:
+            return []
+        last = self.history[-1]
+        return summary_rows(list(last["clean"]), last)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -230,48 +297,110 @@ class EvalGuard(Callback, _StandaloneCallback):
             and (trainer.current_epoch + 1) % self.every_n_epochs == 0
         )
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Run the clean pass over every source; return ``{name: clean value}``."""
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, float]]:
+        """Run the clean pass (and passes B and C when decomposing) over every source.
+
+        Returns:
+            ``{"clean": {name: value}}``, plus ``"train_mode_pass"`` and ``"augmented_pass"`` when decomposing.
+        """
         sources = self._clean_sources(trainer, pl_module)
         eval_value = self._eval_transform_value(trainer, pl_module, sources)
-        values: dict[str, torch.Tensor] = {}
-        with preserved_buffers(pl_module), eval_mode(pl_module), trainer_not_training(trainer):
+        flavors = (_CLEAN, _TRAIN_MODE, _AUGMENTED) if self.decompose else (_CLEAN,)
+        values: dict[tuple[str, str], torch.Tensor] = {}
+        for flavor in flavors:
+            for source in sources:
+                # Every pass starts from the same RNG state (inside the isolation): passes B and C then draw the same
+                # Dropout masks, and without augmentation they agree exactly.
+                guard_checks.reseed(self.seed)
+                with self._pass_context(trainer, pl_module, source, eval_value, flavor):
+                    computed = self._pass_over(trainer, pl_module, source)
+                values.update({(flavor, name): value for name, value in computed.items()})
+        measured: dict[str, dict[str, float]] = {flavor: {} for flavor in flavors}
+        if values:
+            # One host sync per pass, not per batch.
+            numbers = torch.stack([value.detach().to(torch.float64).cpu() for value in values.values()]).tolist()
+            for (flavor, name), number in zip(values, numbers, strict=True):
+                measured[flavor][name] = number
+        return measured
+
+    @contextlib.contextmanager
+    def _pass_context(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: CleanSource, eval_value: Any, flavor: str
+    ) -> Iterator[None]:
+        """Set up one pass: rank 0's buffers, then modes, trainer stage and transform by flavor; restore all after.
+
+        - clean: eval mode, ``trainer.training`` False, the eval transform;
+        - B (train-mode pass): the modules' own training flags, ``trainer.training`` False, the eval transform;
+        - C (augmented pass): the modules' own training flags, ``trainer.training`` True, the dataset's own transform.
+        """
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(preserved_buffers(pl_module))
             broadcast_buffers(pl_module, src=0)  # under DDP every rank evaluates rank 0's model
-            with torch.inference_mode():
-                values = self._pass_over(trainer, pl_module, sources, eval_value)
-        if not values:
-            return {}
-        # One host sync per pass, not per batch.
-        numbers = torch.stack([value.detach().to(torch.float64).cpu() for value in values.values()]).tolist()
-        return dict(zip(values, numbers, strict=True))
+            if flavor == _CLEAN:
+                stack.enter_context(eval_mode(pl_module))
+            if flavor != _AUGMENTED:
+                stack.enter_context(trainer_not_training(trainer))
+                if source.transform_holders:
+                    stack.enter_context(swapped_attribute(source.transform_holders, self.transform_attr, eval_value))
+            stack.enter_context(torch.inference_mode())
+            yield
 
     def _pass_over(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, sources: list[CleanSource], eval_value: Any
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: CleanSource
     ) -> dict[str, torch.Tensor]:
-        values: dict[str, torch.Tensor] = {}
-        for source in sources:
-            metrics = self._metrics_for(source.name, pl_module.device)
-            if source.generator is not None:
-                source.generator.manual_seed(self.seed)
-            swap = (
-                swapped_attribute(source.transform_holders, self.transform_attr, eval_value)
-                if source.transform_holders
-                else contextlib.nullcontext()
+        metrics = self._metrics_for(source.name, pl_module.device)
+        if source.generator is not None:
+            source.generator.manual_seed(self.seed)
+        batches = run_pass(trainer, pl_module, source.loader, metrics, self.forward, source.max_batches)
+        if self._total(trainer, pl_module, batches) == 0:
+            self._warn_once(
+                f"empty:{source.name}",
+                "EvalGuard's clean pass found no batches"
+                + (f" in training loader {source.name!r}" if source.name else "")
+                + "; nothing is logged for it. Is the training set empty?",
             )
-            with swap:
-                batches = run_pass(trainer, pl_module, source.loader, metrics, self.forward, source.max_batches)
-            if self._total(trainer, pl_module, batches) == 0:
-                self._warn_once(
-                    f"empty:{source.name}",
-                    "EvalGuard's clean pass found no batches"
-                    + (f" in training loader {source.name!r}" if source.name else "")
-                    + "; nothing is logged for it. Is the training set empty?",
-                )
-                continue
-            for name, value in flatten_scalars(metrics.compute()).items():
-                values[join_key(source.name, name)] = value
-        return values
+            return {}
+        return {join_key(source.name, name): value for name, value in flatten_scalars(metrics.compute()).items()}
 
+    # ----------------------------------------------------------------- guards
+
+    def _start_guards(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sources: list[CleanSource]) -> None:
+        """Before the first training step: is augmentation off, and is the model deterministic in eval mode?"""
+        eval_value = self._eval_transform_value(trainer, pl_module, sources)
+        checked_model = False
+        for source in sources:
+            with self._pass_context(trainer, pl_module, source, eval_value, _CLEAN):
+
+                def draw(seed: int, source: CleanSource = source) -> Any:
+                    generator = source.generator or getattr(source.loader, "generator", None)
+                    guard_checks.reseed(seed, generator)
+                    batch = next(iter(source.loader), None)
+                    return None if batch is None else prepare_batch(trainer, pl_module, batch)
+
+                found, batch = guard_checks.augmentation_difference(draw)
+                if found:
+                    where = f" of training loader {source.name!r}" if source.name else ""
+                    self._guard_failed(
+                        "augmentation",
+                        f"EvalGuard's clean pass is not clean: the first clean batch{where}, drawn twice under"
+                        f" different seeds, differs ({found}), so augmentation is still on. To switch it off: "
+                        + guard_checks.AUGMENTATION_FIXES,
+                    )
+                if not checked_model:
+                    if batch is not None:
+                        checked_model = True
+
+                        def predict(batch: Any = batch) -> Any:
+                            return checked_forward(trainer, pl_module, self.forward, batch)[0]
+
+                        culprit = guard_checks.stochastic_module(pl_module, predict)
+                        if culprit is not None:
+                            self._guard_failed("stochastic", _stochastic_message(culprit, pl_module))
+
+    def _guard_failed(self, kind: str, message: str) -> None:
+        if self.guards == "raise":
+            raise EvalGuardError(message + ' Pass guards="warn" or guards="off" to EvalGuard to go on anyway.')
+        self._warn_once(f"guard:{kind}", message)
     def _total(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: int) -> int:
         if trainer.world_size == 1:
             return batches
@@ -373,12 +502,36 @@ class EvalGuard(Callback, _StandaloneCallback):
         indices = subset if subset is not None else range(num_samples)
         kwargs = trainer.distributed_sampler_kwargs or {}
         local = shard(indices, int(kwargs.get("rank", 0)), int(kwargs.get("num_replicas", 1)))
-        loader = rebuild_loader(train_loader, local, batch_size, generator)
+        loader = rebuild_loader(train_loader, local, batch_size, generator, merge_single_last=self.decompose)
         return CleanSource(name, loader, "rebuilt", None, holders, generator, num_samples=len(local))
 
     # ---------------------------------------------------------------- logging
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, clean: dict[str, float]) -> None:
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, measured: dict[str, dict[str, float]]) -> None:
+        clean = measured[_CLEAN]
+        running = self._running_values(trainer, clean)
+        gap = {name: clean[name] - running[name] for name in running}
+        validation = self._validation_values(trainer, clean)
+        groups: dict[str, dict[str, float]] = {
+            "clean": clean,
+            "running": running,
+            "gap": gap,
+            "generalization": {name: clean[name] - validation[name] for name in validation},
+        }
+        if self.decompose:
+            train_mode, augmented = measured[_TRAIN_MODE], measured[_AUGMENTED]
+            groups["effect/train_mode"] = {n: clean[n] - train_mode[n] for n in clean if n in train_mode}
+            groups["effect/augmentation"] = {n: train_mode[n] - augmented[n] for n in train_mode if n in augmented}
+            groups["effect/weight_drift"] = {n: augmented[n] - running[n] for n in running if n in augmented}
+        for group, values in groups.items():
+            for name, value in values.items():
+                pl_module.log(join_key(self.prefix, group, name), value, on_step=False, on_epoch=True)
+        entry: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        entry.update({"clean": dict(clean), "running": running, "gap": gap, "validation": validation})
+        entry.update({group: values for group, values in groups.items() if group not in entry})
+        self.history.append(entry)
+
+    def _running_values(self, trainer: pl.Trainer, clean: Mapping[str, float]) -> dict[str, float]:
         callback_metrics = trainer.callback_metrics
         flags = logged_flags(trainer)
         running: dict[str, float] = {}
@@ -401,19 +554,25 @@ class EvalGuard(Callback, _StandaloneCallback):
         if trainer.world_size > 1:
             # Rank-local running values differ when they were logged without sync_dist; take the logger's (rank 0).
             running = trainer.strategy.broadcast(running, src=0)
-        gap = {name: clean[name] - running[name] for name in running}
-        for kind, values in (("clean", clean), ("running", running), ("gap", gap)):
-            for name, value in values.items():
-                pl_module.log(join_key(self.prefix, kind, name), value, on_step=False, on_epoch=True)
-        self.history.append(
-            {
-                "epoch": trainer.current_epoch,
-                "step": trainer.global_step,
-                "clean": dict(clean),
-                "running": running,
-                "gap": gap,
-            }
-        )
+        return running
+
+    def _validation_values(self, trainer: pl.Trainer, clean: Mapping[str, float]) -> dict[str, float]:
+        """The validation metric per name, only when validation ran during this epoch."""
+        if self._validated_epoch != trainer.current_epoch:
+            return {}
+        callback_metrics = trainer.callback_metrics
+        validation: dict[str, float] = {}
+        for name in clean:
+            if self.val is not None and name in self.val:
+                candidates = [self.val[name]]
+            else:
+                candidates = validation_candidates(name)
+            key = next((candidate for candidate in candidates if candidate in callback_metrics), None)
+            if key is not None:
+                validation[name] = float(callback_metrics[key])
+        if trainer.world_size > 1:
+            validation = trainer.strategy.broadcast(validation, src=0)
+        return validation
 
     def _running_key(self, name: str, callback_metrics: Mapping[str, Any]) -> str | None:
         if self.running is not None and name in self.running:
@@ -453,6 +612,33 @@ class EvalGuard(Callback, _StandaloneCallback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message, category=EvalGuardWarning)
+
+
+def _stochastic_message(culprit: str, pl_module: pl.LightningModule) -> str:
+    if culprit == "forward=":
+        where = "the `forward=` callable passed to EvalGuard (the randomness is outside every module)"
+    elif culprit == "":
+        where = f"the forward of the LightningModule itself ({type(pl_module).__name__}.forward)"
+    else:
+        where = f"module {culprit!r} ({type(pl_module.get_submodule(culprit)).__name__})"
+    return (
+        "EvalGuard's clean pass is not deterministic: in eval mode, the same clean batch gives different outputs"
+        f" under different seeds. The first module whose output differs for an identical input is {where}. It"
+        " ignores eval mode (e.g. F.dropout(x, training=True), or a custom random layer): make it check"
+        " `self.training`."
+    )
+
+
+@rank_zero_only
+def _print_summary(rows: list[dict[str, str]]) -> None:
+    # The end-of-fit summary is the one thing EvalGuard prints (print_summary=False turns it off).
+    rendered = render_summary(rows)
+    if isinstance(rendered, str):
+        print(rendered)
+    else:
+        from rich.console import Console
+
+        Console().print(rendered)
 
 
 def _same(a: float, b: float | None) -> bool:

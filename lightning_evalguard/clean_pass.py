@@ -12,7 +12,7 @@ from lightning_evalguard._lightning import on_before_batch_transfer
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["ForwardFn", "default_forward", "run_pass"]
+__all__ = ["ForwardFn", "checked_forward", "default_forward", "prepare_batch", "run_pass"]
 
 ForwardFn = Callable[["pl.LightningModule", Any], "tuple[Any, Any]"]
 
@@ -39,7 +39,44 @@ def default_forward(pl_module: pl.LightningModule, batch: Any) -> tuple[Any, Any
     )
 
 
-def _check_output(output: Any) -> tuple[Any, Any]:
+def prepare_batch(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
+    """Bring a loader's batch to the model as Lightning's training loop does.
+
+    ``precision_plugin.convert_input``, then ``on_before_batch_transfer``, then ``strategy.batch_to_device`` (which
+    runs ``transfer_batch_to_device`` and ``on_after_batch_transfer``).
+
+    Args:
+        trainer: The Trainer.
+        pl_module: The LightningModule.
+        batch: The batch as the loader yielded it.
+
+    Returns:
+        The batch on the module's device, after the user's hooks.
+    """
+    batch = trainer.precision_plugin.convert_input(batch)
+    batch = on_before_batch_transfer(pl_module, batch)
+    return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+
+
+def checked_forward(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, forward: ForwardFn, batch: Any
+) -> tuple[Any, Any]:
+    """Run ``forward`` under the precision plugin's validation context and check it returned ``(preds, target)``.
+
+    Args:
+        trainer: The Trainer.
+        pl_module: The LightningModule.
+        forward: ``(module, batch) -> (preds, target)``.
+        batch: A prepared batch (see :func:`prepare_batch`).
+
+    Returns:
+        ``(preds, target)``.
+
+    Raises:
+        TypeError: If ``forward`` returned something else.
+    """
+    with trainer.precision_plugin.val_step_context():
+        output = forward(pl_module, batch)
     if isinstance(output, (tuple, list)) and len(output) == 2:
         return output[0], output[1]
     raise TypeError(
@@ -75,14 +112,9 @@ def run_pass(
     Returns:
         The number of batches evaluated.
     """
-    precision = trainer.precision_plugin
     batches = 0
     for batch in loader:
-        batch = precision.convert_input(batch)
-        batch = on_before_batch_transfer(pl_module, batch)
-        batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
-        with precision.val_step_context():
-            preds, target = _check_output(forward(pl_module, batch))
+        preds, target = checked_forward(trainer, pl_module, forward, prepare_batch(trainer, pl_module, batch))
         metrics.update(preds, target)
         batches += 1
         if max_batches is not None and batches >= max_batches:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CleanSource",
     "IndexSampler",
+    "MergedLastBatchSampler",
     "fixed_subset",
     "named_loaders",
     "pads_samples",
@@ -58,6 +59,37 @@ class CleanSource:
     transform_holders: list[Any] = field(default_factory=list)
     generator: torch.Generator | None = None
     num_samples: int | None = None
+
+
+class MergedLastBatchSampler(Sampler[list[int]]):
+    """Batches of ``batch_size`` indices in order; a last batch of a single sample joins the batch before it.
+
+    BatchNorm in train mode cannot normalise a batch of one sample, and the decomposition runs train-mode passes over
+    the very batches of the clean pass.
+    """
+
+    def __init__(self, indices: Sequence[int], batch_size: int) -> None:
+        """Store the indices and the batch size.
+
+        Args:
+            indices: The dataset indices, in order.
+            batch_size: The batch size.
+        """
+        self.indices, self.batch_size = list(indices), batch_size
+
+    def _batches(self) -> list[list[int]]:
+        batches = [self.indices[i : i + self.batch_size] for i in range(0, len(self.indices), self.batch_size)]
+        if len(batches) > 1 and len(batches[-1]) == 1:
+            batches[-2].extend(batches.pop())
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """Iterate over the batches."""
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        """The number of batches."""
+        return len(self._batches())
 
 
 class IndexSampler(Sampler[int]):
@@ -207,7 +239,11 @@ def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
 
 
 def rebuild_loader(
-    train_loader: DataLoader[Any], indices: Sequence[int] | None, batch_size: int, generator: torch.Generator
+    train_loader: DataLoader[Any],
+    indices: Sequence[int] | None,
+    batch_size: int,
+    generator: torch.Generator,
+    merge_single_last: bool = False,
 ) -> DataLoader[Any]:
     """A sequential loader over the training loader's dataset, keeping how it loads (collate, workers, pinning).
 
@@ -216,14 +252,12 @@ def rebuild_loader(
         indices: The dataset indices to read in order, or None for an ``IterableDataset``.
         batch_size: The clean-pass batch size.
         generator: The loader's own generator, so creating its iterator draws nothing from the global RNG.
+        merge_single_last: Join a last batch of one sample to the batch before it (for train-mode passes).
 
     Returns:
         The clean DataLoader (``drop_last=False``, no shuffling).
     """
     kwargs: dict[str, Any] = {
-        "batch_size": batch_size,
-        "shuffle": False,
-        "drop_last": False,
         "collate_fn": train_loader.collate_fn,
         "num_workers": train_loader.num_workers,
         "pin_memory": train_loader.pin_memory,
@@ -236,8 +270,12 @@ def rebuild_loader(
         kwargs["prefetch_factor"] = train_loader.prefetch_factor
     if train_loader.pin_memory:
         kwargs["pin_memory_device"] = train_loader.pin_memory_device
-    if indices is not None:
-        kwargs["sampler"] = IndexSampler(indices)
+    if indices is not None and merge_single_last:
+        kwargs["batch_sampler"] = MergedLastBatchSampler(indices, batch_size)
+    else:
+        kwargs.update(batch_size=batch_size, shuffle=False, drop_last=False)
+        if indices is not None:
+            kwargs["sampler"] = IndexSampler(indices)
     return DataLoader(train_loader.dataset, **kwargs)
 
 

@@ -13,6 +13,7 @@ __all__ = [
     "flatten_scalars",
     "join_key",
     "running_candidates",
+    "validation_candidates",
 ]
 
 
@@ -96,6 +97,18 @@ def running_candidates(name: str) -> list[str]:
         ``train_<name>``, ``train/<name>``, ``train_<name>_epoch``, ``train/<name>_epoch``.
     """
     return [f"train_{name}", f"train/{name}", f"train_{name}_epoch", f"train/{name}_epoch"]
+
+
+def validation_candidates(name: str) -> list[str]:
+    """The ``trainer.callback_metrics`` keys looked up, in order, for the validation value of metric ``name``.
+
+    Args:
+        name: The metric name.
+
+    Returns:
+        ``val_<name>``, ``val/<name>``.
+    """
+    return [f"val_{name}", f"val/{name}"]
 
 
 def join_key(*parts: str | None) -> str:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-__all__ = ["EFFECT_LABELS", "format_value", "reading", "summary_rows", "summary_text"]
+__all__ = ["EFFECT_LABELS", "format_value", "reading", "render_summary", "summary_rows", "summary_text"]
 
 #: Effect kinds (the ``<prefix>/effect/<kind>/<name>`` keys) and how the reading names them.
 EFFECT_LABELS: dict[str, str] = {
@@ -143,3 +144,31 @@ def summary_text(rows: Sequence[Mapping[str, str]], title: str = "EvalGuard summ
     lines += ["  ".join(row.get(column, "-").ljust(widths[column]) for column in columns) for row in rows]
     lines += [f"{row['metric']}: {row['reading']}" for row in rows]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def render_summary(rows: Sequence[Mapping[str, str]], title: str = "EvalGuard summary") -> Any:
+    """The summary for printing: a ``rich`` table (with the readings as a caption) when rich is installed.
+
+    Args:
+        rows: From :func:`summary_rows`.
+        title: The table's title.
+
+    Returns:
+        A ``rich.table.Table``, or the plain text of :func:`summary_text` without rich.
+    """
+    try:
+        from rich.table import Table
+    except ImportError:
+        return summary_text(rows, title)
+    if not rows:
+        return summary_text(rows, title)
+    columns = [column for column in rows[0] if column != "reading"]
+    for row in rows[1:]:
+        columns += [column for column in row if column != "reading" and column not in columns]
+    readings = "\n".join(f"{row['metric']}: {row['reading']}" for row in rows)
+    table = Table(title=title, caption=readings, caption_justify="left")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for row in rows:
+        table.add_row(*(row.get(column, "-") for column in columns))
+    return table

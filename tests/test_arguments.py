@@ -41,6 +41,11 @@ def acc() -> MulticlassAccuracy:
         ({"transform_attr": ""}, ValueError, r"`transform_attr` must be a non-empty str"),
         ({"prefix": None}, TypeError, r"`prefix` must be a str \(got None that is a NoneType\)"),
         ({"seed": "0"}, TypeError, r"`seed` must be an int"),
+        ({"guards": "strict"}, ValueError, r"`guards` must be 'raise', 'warn' or 'off' \(got 'strict'\)"),
+        ({"decompose": "yes"}, TypeError, r"`decompose` must be a bool \(got 'yes' that is a str\)"),
+        ({"print_summary": 1}, TypeError, r"`print_summary` must be a bool \(got 1 that is a int\)"),
+        ({"val": ["val_acc"]}, TypeError, r"`val` must be a mapping .*got \['val_acc'\] that is a list"),
+        ({"val": {"loss": "val_loss"}}, ValueError, r"`val` names metric 'loss', which is not among"),
     ],
 )
 def test_wrong_argument_raises_naming_it(kwargs, error, match):

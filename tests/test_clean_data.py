@@ -202,7 +202,7 @@ class HookedModule(Classifier):
 def test_batches_go_through_the_transfer_hooks_with_trainer_training_false(tmp_path):
     x, y = make_tensors(40)
     model = HookedModule()
-    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")})
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")}, guards="off")
     pl_trainer = fit(tmp_path, guard, model, max_epochs=2, train_dataloaders=loader(TensorData(x, y)))
     pass_calls = [name for name, training in model.calls if not training]
     assert pass_calls == ["before", "transfer", "after"] * 3 * 2  # 3 batches, 2 passes
@@ -220,7 +220,7 @@ def test_datamodule_batch_hooks_are_used_like_in_training(tmp_path):
             calls.append(self.trainer.training)
             return batch
 
-    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)})
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, guards="off")
     fit(tmp_path, guard, datamodule=Hooked(x, y))
     assert calls.count(False) == 4  # the clean loader of the datamodule hook: 20 samples, batch 5
 
@@ -233,7 +233,7 @@ def test_forward_runs_under_the_precision_context(tmp_path):
         autocast.append(torch.is_autocast_enabled("cpu"))
         return module(batch[0]), batch[1]
 
-    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, forward=forward)
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, forward=forward, guards="off")
     pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[guard], precision="bf16-mixed")
     pl_trainer.fit(Classifier("linear"), loader(TensorData(x, y)))
     assert autocast == [True]
@@ -363,7 +363,7 @@ def test_batch_size_argument_sets_the_clean_batch_size(tmp_path):
         sizes.append(len(batch[0]))
         return module(batch[0]), batch[1]
 
-    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, batch_size=32, forward=forward)
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, batch_size=32, forward=forward, guards="off")
     fit(tmp_path, guard, train_dataloaders=loader(TensorData(x, y), batch_size=4))
     assert sizes == [32, 8]
 
@@ -428,7 +428,7 @@ def test_no_pass_during_validate_test_or_predict(tmp_path):
         forwards.append(True)
         return module(batch[0]), batch[1]
 
-    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, forward=forward)
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, forward=forward, guards="off")
     pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[guard], num_sanity_val_steps=2)
     model = Everything("linear")
     data = loader(TensorData(x, y))

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_evalguard import EvalGuard
+from lightning_evalguard.isolation import isolated_rng
 
 from helpers import NUM_CLASSES, Classifier, NumpyNoise, TensorData, loader, make_tensors, trainer
 
@@ -109,7 +110,7 @@ class ModesDuringPass(Classifier):
 def test_every_module_is_in_eval_mode_and_inference_mode_during_the_pass(tmp_path):
     x, y = make_tensors(40)
     model = ModesDuringPass()
-    trainer(tmp_path, max_epochs=1, callbacks=[guard()]).fit(model, loader(TensorData(x, y)))
+    trainer(tmp_path, max_epochs=1, callbacks=[guard(guards="off")]).fit(model, loader(TensorData(x, y)))
     assert len(model.modes_in_pass) == 3
     assert all(not any(modes) for modes in model.modes_in_pass)
     assert all(model.grad_in_pass)
@@ -149,8 +150,10 @@ def fit_weights(
     if mechanism == "rebuilt":
         guard_kwargs["eval_transform"] = nn.Identity()
     else:
-        # a user loader that draws from the global RNGs itself (shuffling, numpy augmentation in the dataset)
+        # a user loader that draws from the global RNGs itself (shuffling, numpy augmentation in the dataset); the
+        # augmentation guard would stop it, so it is off here
         guard_kwargs["dataloader"] = DataLoader(dataset, batch_size=16, shuffle=True, **workers)
+        guard_kwargs["guards"] = "off"
     callbacks = [guard(**guard_kwargs)] if with_guard else []
     trainer(tmp_path, max_epochs=3, deterministic=True, callbacks=callbacks).fit(model, train)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -184,13 +187,12 @@ def test_the_rebuilt_loader_draws_nothing_from_the_global_rng(tmp_path):
         states.setdefault("first_batch", torch.get_rng_state())
         return module(batch[0]), batch[1]
 
-    class Before(pl.Callback):
-        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            states["before"] = torch.get_rng_state()
-
-    pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[Before(), guard(forward=forward)])
+    pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[guard(forward=forward, guards="off", seed=5)])
     pl_trainer.fit(Classifier("linear"), loader(TensorData(x, y)))
-    assert torch.equal(states["before"], states["first_batch"])
+    # each pass starts from the callback's seed; creating the loader's iterator drew nothing after it
+    with isolated_rng():
+        torch.manual_seed(5)
+        assert torch.equal(torch.get_rng_state(), states["first_batch"])
 
 
 class Explodes(Classifier):
@@ -227,7 +229,8 @@ def test_exception_in_the_pass_restores_state_and_propagates_with_a_note(tmp_pat
             seen["modes_before"] = [m.training for m in pl_module.modules()]
             seen["stage_before"] = trainer.state.stage
 
-    pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=[Before(), guard(eval_transform=nn.Identity()), Watch()])
+    callbacks = [Before(), guard(eval_transform=nn.Identity(), guards="off"), Watch()]
+    pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=callbacks)
     with pytest.raises(ZeroDivisionError, match="boom in forward") as info:
         pl_trainer.fit(model, loader(dataset))
     assert any("EvalGuard" in note and "epoch 0" in note for note in info.value.__notes__)

@@ -1,0 +1,164 @@
+"""Guards catch a set-up whose clean pass would not be clean, before the first training step."""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+import lightning_evalguard.callback as callback_module
+from lightning_evalguard import EvalGuard, EvalGuardError, EvalGuardWarning
+from lightning_evalguard.guards import difference, stochastic_module
+
+from helpers import NUM_CLASSES, NUM_FEATURES, Classifier, NumpyNoise, TensorData, loader, make_tensors, trainer
+
+
+def acc() -> MulticlassAccuracy:
+    return MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
+
+
+class NoTraining(Classifier):
+    """Fails the test if a training step runs: the guard must stop the fit before."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        pytest.fail("a training step ran before the guard stopped the fit")
+
+
+def test_dataset_augmentation_left_on_raises_before_any_training_step(tmp_path):
+    x, y = make_tensors(32)
+    guard = EvalGuard({"acc": acc()})  # no eval_transform: the NumpyNoise transform stays on
+    with pytest.raises(EvalGuardError, match=r"first clean batch, drawn twice under different seeds, differs \(batch\[0\] differs.*eval_transform=.*dataloader=.*clean_train_dataloader\(\).*self.trainer.training"):
+        trainer(tmp_path, callbacks=[guard]).fit(NoTraining("linear"), loader(TensorData(x, y, NumpyNoise())))
+
+
+class UngatedBatchNoise(NoTraining):
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        x, y = batch
+        return x + torch.randn_like(x), y  # not gated on self.trainer.training
+
+
+def test_batch_level_augmentation_not_gated_on_trainer_training_raises(tmp_path):
+    x, y = make_tensors(32)
+    guard = EvalGuard({"acc": acc()}, eval_transform=nn.Identity())
+    with pytest.raises(EvalGuardError, match="augmentation is still on"):
+        trainer(tmp_path, callbacks=[guard]).fit(UngatedBatchNoise("linear"), loader(TensorData(x, y, NumpyNoise())))
+
+
+def test_augmentation_guard_only_warns_with_guards_warn_and_training_goes_on(tmp_path):
+    x, y = make_tensors(32)
+    guard = EvalGuard({"acc": acc()}, guards="warn")
+    with pytest.warns(EvalGuardWarning, match="augmentation is still on") as record:
+        trainer(tmp_path, max_epochs=2, callbacks=[guard]).fit(Classifier("linear"), loader(TensorData(x, y, NumpyNoise())))
+    assert sum("augmentation is still on" in str(w.message) for w in record) == 1
+    assert len(guard.history) == 2
+
+
+class AlwaysDrop(nn.Module):
+    """A stochastic layer that ignores eval mode."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.dropout(x, 0.5, training=True)
+
+
+class Nested(Classifier):
+    def __init__(self) -> None:
+        super().__init__("linear")
+        block = nn.Sequential(nn.Linear(NUM_FEATURES, 8), nn.ReLU())
+        block.add_module("drop", AlwaysDrop())
+        self.backbone = nn.Sequential()
+        self.backbone.add_module("block1", nn.Sequential(nn.Linear(NUM_FEATURES, NUM_FEATURES), nn.Dropout(0.2)))
+        self.backbone.add_module("block3", block)
+        self.net = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.backbone(x))
+
+
+def test_a_layer_that_ignores_eval_mode_is_named_by_its_qualified_name(tmp_path):
+    x, y = make_tensors(32)
+    model = Nested()
+    model.training_step = lambda *a: pytest.fail("training started")  # type: ignore[method-assign]
+    guard = EvalGuard({"acc": acc()})
+    with pytest.raises(EvalGuardError, match=r"module 'backbone.block3.drop' \(AlwaysDrop\).*check\s+`self.training`"):
+        trainer(tmp_path, callbacks=[guard]).fit(model, loader(TensorData(x, y)))
+
+
+class InlineNoise(Classifier):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + torch.randn(1)  # randomness inline in the module's own forward
+
+
+def test_inline_randomness_names_the_module_whose_forward_has_it(tmp_path):
+    x, y = make_tensors(32)
+    guard = EvalGuard({"acc": acc()}, guards="warn")
+    with pytest.warns(EvalGuardWarning, match=r"forward of the LightningModule itself \(InlineNoise.forward\)"):
+        trainer(tmp_path, max_epochs=1, callbacks=[guard]).fit(InlineNoise("linear"), loader(TensorData(x, y)))
+    assert len(guard.history) == 1
+
+
+def test_guards_are_silent_on_a_clean_setup_and_off_means_off(tmp_path):
+    x, y = make_tensors(32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EvalGuardWarning)
+        guard = EvalGuard({"acc": acc()}, eval_transform=nn.Identity())
+        trainer(tmp_path, max_epochs=2, callbacks=[guard]).fit(Classifier("both", batch_noise=0.5), loader(TensorData(x, y, NumpyNoise())))
+        off = EvalGuard({"acc": acc()}, guards="off")  # augmentation on, nothing said
+        trainer(tmp_path, max_epochs=1, callbacks=[off]).fit(Classifier("linear"), loader(TensorData(x, y, NumpyNoise())))
+    assert len(guard.history) == 2 and len(off.history) == 1
+
+
+def test_guard_after_the_pass_reports_what_was_not_put_back(tmp_path, monkeypatch):
+    @contextmanager
+    def leaky_eval_mode(module: nn.Module) -> Any:
+        module.eval()  # and never restores the flags
+        yield
+
+    import lightning.pytorch as pl
+
+    class BreakRestore(pl.Callback):
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            monkeypatch.setattr(callback_module, "eval_mode", leaky_eval_mode)  # after the fit-start guards
+
+    x, y = make_tensors(32)
+    guard = EvalGuard({"acc": acc()})
+    with pytest.raises(EvalGuardError, match=r"after epoch 0 did not leave the run as it found it: module '\(root\)' training flag True -> False"):
+        trainer(tmp_path, max_epochs=2, callbacks=[BreakRestore(), guard]).fit(Classifier("linear"), loader(TensorData(x, y)))
+
+
+def test_guard_checks_are_isolated_from_the_training_rng(tmp_path):
+    import lightning.pytorch as pl
+
+    def weights(with_guard: bool) -> dict[str, torch.Tensor]:
+        pl.seed_everything(3, workers=True, verbose=False)
+        x, y = make_tensors(48)
+        model = Nested()
+        callbacks = [EvalGuard({"acc": acc()}, guards="warn")] if with_guard else []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EvalGuardWarning)
+            trainer(tmp_path, max_epochs=2, deterministic=True, callbacks=callbacks).fit(
+                model, loader(TensorData(x, y, NumpyNoise()))
+            )
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    without, with_guard = weights(False), weights(True)
+    assert all(torch.equal(without[key], with_guard[key]) for key in without)
+
+
+def test_difference_describes_the_first_differing_leaf():
+    a = (torch.zeros(2), {"y": torch.ones(2)})
+    assert difference(a, (torch.zeros(2), {"y": torch.ones(2)})) is None
+    assert difference(a, (torch.zeros(2), {"y": torch.tensor([1.0, 1.5])})) == "batch[1]['y'] differs (max abs difference 0.5)"
+    assert difference(a, (torch.zeros(3), {"y": torch.ones(2)})).startswith("batch[0] differs in shape")
+
+
+def test_stochastic_module_is_none_for_a_deterministic_eval_model():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(), nn.BatchNorm1d(3)).eval()
+    x = torch.randn(4, 3)
+    assert stochastic_module(model, lambda: model(x)) is None
+    model.train()
+    assert stochastic_module(model, lambda: model(x)) == "1"
