@@ -50,7 +50,7 @@ from lightning_evalguard.metrics import (
     running_candidates,
     validation_candidates,
 )
-from lightning_evalguard.summary import render_summary, summary_rows, summary_text
+from lightning_evalguard.summary import render_summary, summary_rows, summary_text, tensorboard_layout
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -143,7 +143,7 @@ class EvalGuard(Callback, _StandaloneCallback):
         metrics: Union[Metric, MetricCollection, Mapping[str, Metric]],
         *,
         dataloader: Union[DataLoader[Any], Callable[[pl.Trainer], DataLoader[Any]], None] = None,
-        eval_transform: Union[Callable[..., Any], str, None] = None,
+        eval_transform: Union[str, Callable[..., Any], None] = None,
         transform_attr: str = "transform",
         running: Union[Mapping[str, str], None] = None,
         forward: Union[ForwardFn, None] = None,
@@ -216,6 +216,7 @@ class EvalGuard(Callback, _StandaloneCallback):
                 self._eval_transform_value(trainer, pl_module, sources)  # fails now rather than after an epoch
             if self.guards != "off":
                 self._start_guards(trainer, pl_module, sources)
+        self._write_tensorboard_layout(trainer, sources)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -396,6 +397,22 @@ class EvalGuard(Callback, _StandaloneCallback):
                         culprit = guard_checks.stochastic_module(pl_module, predict)
                         if culprit is not None:
                             self._guard_failed("stochastic", _stochastic_message(culprit, pl_module))
+
+    def _write_tensorboard_layout(self, trainer: pl.Trainer, sources: list[CleanSource]) -> None:
+        """Give every attached TensorBoardLogger a custom-scalars dashboard of EvalGuard's curves (rank zero only)."""
+        if not trainer.is_global_zero:
+            return
+        names = [join_key(source.name, name) for source in sources for name in self.metric_names]
+        validation_keys = {
+            name: [self.val[name]] if self.val and name in self.val else validation_candidates(name) for name in names
+        }
+        layout = tensorboard_layout(self.prefix, names, validation_keys, self.decompose)
+        for logger in trainer.loggers:
+            if type(logger).__name__ != "TensorBoardLogger":  # either Lightning namespace's; other loggers: untouched
+                continue
+            writer: Any = getattr(logger, "experiment", None)
+            if hasattr(writer, "add_custom_scalars"):
+                writer.add_custom_scalars(layout)
 
     def _guard_failed(self, kind: str, message: str) -> None:
         if self.guards == "raise":

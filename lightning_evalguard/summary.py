@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["EFFECT_LABELS", "format_value", "reading", "render_summary", "summary_rows", "summary_text"]
+__all__ = [
+    "EFFECT_LABELS",
+    "format_value",
+    "reading",
+    "render_summary",
+    "summary_rows",
+    "summary_text",
+    "tensorboard_layout",
+]
 
 #: Effect kinds (the ``<prefix>/effect/<kind>/<name>`` keys) and how the reading names them.
 EFFECT_LABELS: dict[str, str] = {
@@ -172,3 +181,36 @@ def render_summary(rows: Sequence[Mapping[str, str]], title: str = "EvalGuard su
     for row in rows:
         table.add_row(*(row.get(column, "-") for column in columns))
     return table
+
+
+def tensorboard_layout(
+    prefix: str, names: Sequence[str], validation_keys: Mapping[str, Sequence[str]], decompose: bool
+) -> dict[str, dict[str, list[Any]]]:
+    """A TensorBoard custom-scalars layout: per metric, running, clean and validation overlaid; gaps; effects.
+
+    Charts select tags by regular expression, so the validation key may be any of its candidates.
+
+    Args:
+        prefix: EvalGuard's key prefix; it names the category.
+        names: The metric names.
+        validation_keys: Per metric, the keys its validation value may be logged under.
+        decompose: Whether effects are logged (adds a chart per metric).
+
+    Returns:
+        ``{category: {chart title: ["Multiline", [tag regexes]]}}`` for ``SummaryWriter.add_custom_scalars``.
+    """
+    def key(*parts: str) -> str:
+        return "/".join(part for part in (prefix, *parts) if part)
+
+    charts: dict[str, list[Any]] = {}
+    for name in names:
+        tags = [f"^{re.escape(key('running', name))}$", f"^{re.escape(key('clean', name))}$"]
+        tags += [f"^{re.escape(candidate)}$" for candidate in validation_keys.get(name, [])]
+        charts[f"{name}: running, clean, validation"] = ["Multiline", tags]
+    gaps = [f"^{re.escape(key(group, name))}$" for name in names for group in ("gap", "generalization")]
+    charts["gaps: clean - running, clean - validation"] = ["Multiline", gaps]
+    if decompose:
+        for name in names:
+            effects = [f"^{re.escape(key('effect', kind, name))}$" for kind in EFFECT_LABELS]
+            charts[f"{name}: the gap's causes"] = ["Multiline", [f"^{re.escape(key('gap', name))}$", *effects]]
+    return {prefix or "evalguard": charts}

@@ -1,0 +1,124 @@
+"""The custom-scalars dashboard, checked against a real TensorBoard server on a loopback port."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from unittest.mock import Mock
+
+import pytest
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_evalguard import EvalGuard
+
+from helpers import NUM_CLASSES, Classifier, NumpyNoise, TensorData, loader, make_tensors, trainer
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture
+def tensorboard_server(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A TensorBoard server on a free loopback port over tmp_path/logs, stopped after the test."""
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port),
+         "--reload_interval", "1", "--load_fast", "false"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        yield logdir, base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def wait_for(condition: Any, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as error:  # the server is still starting or loading
+            last_error = error
+        time.sleep(0.5)
+    raise AssertionError(f"timed out; last error: {last_error}")
+
+
+class Validates(Classifier):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+
+def test_tensorboard_serves_the_custom_scalars_layout_and_tags(tensorboard_server):
+    logdir, base = tensorboard_server
+    x, y = make_tensors(40)
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, eval_transform=nn.Identity(), decompose=True)
+    logger = TensorBoardLogger(logdir, name="run")
+    pl_trainer = trainer(logdir, max_epochs=2, callbacks=[guard], logger=logger)
+    pl_trainer.fit(Validates("both"), loader(TensorData(x, y, NumpyNoise())), loader(TensorData(x, y), shuffle=False))
+    run = "run/version_0"
+
+    tags = wait_for(lambda: get(f"{base}/data/plugin/scalars/tags").get(run))
+    assert {"evalguard/clean/acc", "evalguard/running/acc", "evalguard/gap/acc", "val_acc"} <= set(tags)
+    layout = wait_for(lambda: get(f"{base}/data/plugin/custom_scalars/layout"))
+    (category,) = layout["category"]
+    assert category["title"] == "evalguard"
+    charts = {chart["title"]: chart["multiline"]["tag"] for chart in category["chart"]}
+    assert charts["acc: running, clean, validation"] == [
+        "^evalguard/running/acc$", "^evalguard/clean/acc$", "^val_acc$", "^val/acc$"
+    ]  # fmt: skip
+    assert "^evalguard/gap/acc$" in charts["gaps: clean - running, clean - validation"]
+    assert "^evalguard/effect/augmentation/acc$" in charts["acc: the gap's causes"]
+    # every regex of the per-metric chart but the alternative validation key matches a served tag
+    import re
+
+    for pattern in charts["acc: running, clean, validation"][:3]:
+        assert any(re.match(pattern, tag) for tag in tags), pattern
+
+
+def test_other_loggers_are_left_alone(tmp_path):
+    from lightning.pytorch.loggers import Logger
+
+    x, y = make_tensors(16)
+    other = Mock(spec=Logger)
+    other.save_dir = other.log_dir = None
+    other.name, other.version = "other", 0
+    other.experiment = Mock()
+    tensorboard = TensorBoardLogger(tmp_path, name="tb")
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)})
+    pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[guard], logger=[other, CSVLogger(tmp_path), tensorboard])
+    pl_trainer.fit(Classifier("linear"), loader(TensorData(x, y)))
+    other.experiment.add_custom_scalars.assert_not_called()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(tensorboard.log_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    assert "custom_scalars__config__" in events.Tags()["tensors"]
