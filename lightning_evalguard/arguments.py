@@ -15,6 +15,7 @@ __all__ = [
     "check_every_n_epochs",
     "check_forward",
     "check_limit_batches",
+    "check_positive_int",
     "check_running",
     "check_str",
 ]
@@ -40,6 +41,20 @@ def check_str(name: str, value: Any, *, allow_empty: bool) -> str:
     if not value and not allow_empty:
         raise ValueError(f"`{name}` must be a non-empty str (got '').")
     return value
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """Check that argument ``name`` is an int >= 1.
+
+    Raises:
+        TypeError: If it is not an int.
+        ValueError: If it is < 1.
+    """
+    if not _is_int(value):
+        raise TypeError(f"`{name}` must be an int >= 1 ({_got(value)}).")
+    if value < 1:
+        raise ValueError(f"`{name}` must be an int >= 1 (got {value}).")
+    return int(value)
 
 
 def check_every_n_epochs(value: Any) -> int:

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import math
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Union
 
@@ -22,7 +23,9 @@ from lightning_evalguard import guards as guard_checks
 from lightning_evalguard._lightning import logged_flags
 from lightning_evalguard.clean_pass import ForwardFn, checked_forward, default_forward, prepare_batch, run_pass
 from lightning_evalguard.data import (
+    BatchCache,
     CleanSource,
+    batch_nbytes,
     fixed_subset,
     is_iterable_dataset,
     named_loaders,
@@ -46,10 +49,12 @@ from lightning_evalguard.isolation import (
 from lightning_evalguard.metrics import (
     clean_collection,
     flatten_scalars,
+    is_micro_accuracy,
     join_key,
     running_candidates,
     validation_candidates,
 )
+from lightning_evalguard.progress import pass_progress
 from lightning_evalguard.summary import render_summary, summary_rows, summary_text, tensorboard_layout
 
 if TYPE_CHECKING:
@@ -156,6 +161,8 @@ class EvalGuard(Callback, _StandaloneCallback):
         decompose: bool = False,
         guards: Literal["raise", "warn", "off"] = "raise",
         print_summary: bool = True,
+        cache: bool = False,
+        cache_max_bytes: int = 1 << 30,
     ) -> None:
         super().__init__()
         self._template = clean_collection(metrics)
@@ -176,6 +183,8 @@ class EvalGuard(Callback, _StandaloneCallback):
         self.decompose = arguments.check_bool("decompose", decompose)
         self.guards = guard_checks.check_guard_mode(guards)
         self.print_summary = arguments.check_bool("print_summary", print_summary)
+        self.cache = arguments.check_bool("cache", cache)
+        self.cache_max_bytes = arguments.check_positive_int("cache_max_bytes", cache_max_bytes)
 
         self.history: list[dict[str, Any]] = []
         self._subsets: dict[str, list[int]] = {}
@@ -216,6 +225,8 @@ class EvalGuard(Callback, _StandaloneCallback):
                 self._eval_transform_value(trainer, pl_module, sources)  # fails now rather than after an epoch
             if self.guards != "off":
                 self._start_guards(trainer, pl_module, sources)
+            if self.cache:
+                self._check_cache_budget(trainer, pl_module, sources)
         self._write_tensorboard_layout(trainer, sources)
 
     @override
@@ -237,6 +248,7 @@ class EvalGuard(Callback, _StandaloneCallback):
             return
         epoch = trainer.current_epoch
         before = guard_checks.snapshot(trainer, pl_module) if self.guards != "off" else None
+        started = time.perf_counter()
         try:
             with isolated_rng():
                 measured = self._measure(trainer, pl_module)
@@ -258,7 +270,7 @@ class EvalGuard(Callback, _StandaloneCallback):
                     " on_after_batch_transfer, forward) changed it.",
                 )
         if measured.get(_CLEAN):
-            self._log(trainer, pl_module, measured)
+            self._log(trainer, pl_module, measured, pass_seconds=time.perf_counter() - started)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -314,7 +326,7 @@ class EvalGuard(Callback, _StandaloneCallback):
                 # Dropout masks, and without augmentation they agree exactly.
                 guard_checks.reseed(self.seed)
                 with self._pass_context(trainer, pl_module, source, eval_value, flavor):
-                    computed = self._pass_over(trainer, pl_module, source)
+                    computed = self._pass_over(trainer, pl_module, source, flavor)
                 values.update({(flavor, name): value for name, value in computed.items()})
         measured: dict[str, dict[str, float]] = {flavor: {} for flavor in flavors}
         if values:
@@ -347,12 +359,19 @@ class EvalGuard(Callback, _StandaloneCallback):
             yield
 
     def _pass_over(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: CleanSource
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: CleanSource, flavor: str
     ) -> dict[str, torch.Tensor]:
         metrics = self._metrics_for(source.name, pl_module.device)
         if source.generator is not None:
             source.generator.manual_seed(self.seed)
-        batches = run_pass(trainer, pl_module, source.loader, metrics, self.forward, source.max_batches)
+        loader: Any = source.loader
+        max_batches = source.max_batches
+        if source.cache is not None and flavor != _AUGMENTED:  # pass C reads augmented batches: never cached
+            loader, max_batches = source.cache.read(source.loader, source.max_batches), None
+        description = "EvalGuard clean pass" if flavor == _CLEAN else f"EvalGuard {flavor.replace('_', ' ')}"
+        description += f" [{source.name}]" if source.name else ""
+        with pass_progress(trainer, _length(source), description) as step:
+            batches = run_pass(trainer, pl_module, loader, metrics, self.forward, max_batches, on_batch=step)
         if self._total(trainer, pl_module, batches) == 0:
             self._warn_once(
                 f"empty:{source.name}",
@@ -397,6 +416,27 @@ class EvalGuard(Callback, _StandaloneCallback):
                         culprit = guard_checks.stochastic_module(pl_module, predict)
                         if culprit is not None:
                             self._guard_failed("stochastic", _stochastic_message(culprit, pl_module))
+
+    def _check_cache_budget(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, sources: list[CleanSource]
+    ) -> None:
+        """Refuse, before training, a cache whose batches would not fit ``cache_max_bytes``."""
+        eval_value = self._eval_transform_value(trainer, pl_module, sources)
+        for source in sources:
+            batches = _length(source)
+            if source.cache is None or not batches:
+                continue
+            with self._pass_context(trainer, pl_module, source, eval_value, _CLEAN):
+                first = next(iter(source.loader), None)
+            estimate = batch_nbytes(first) * batches
+            if estimate > self.cache_max_bytes:
+                mib = 1 << 20
+                raise ValueError(
+                    f"EvalGuard(cache=True) would keep about {estimate / mib:.0f} MiB of clean batches ({batches}"
+                    f" batches of {batch_nbytes(first) / mib:.1f} MiB) in host memory, more than"
+                    f" cache_max_bytes={self.cache_max_bytes} ({self.cache_max_bytes / mib:.0f} MiB). Evaluate a"
+                    " subset with `limit_batches=`, raise `cache_max_bytes=`, or pass cache=False."
+                )
 
     def _write_tensorboard_layout(self, trainer: pl.Trainer, sources: list[CleanSource]) -> None:
         """Give every attached TensorBoardLogger a custom-scalars dashboard of EvalGuard's curves (rank zero only)."""
@@ -506,7 +546,8 @@ class EvalGuard(Callback, _StandaloneCallback):
                     " or LightningModule, or pass an int `limit_batches=` (a number of batches to evaluate)."
                 )
             loader = rebuild_loader(train_loader, None, batch_size, generator)
-            return CleanSource(name, loader, "rebuilt", self.limit_batches, holders, generator)
+            cache = BatchCache(self.cache_max_bytes) if self.cache else None
+            return CleanSource(name, loader, "rebuilt", self.limit_batches, holders, generator, cache=cache)
         num_samples = len(train_loader.dataset)  # type: ignore[arg-type]
         if num_samples == 0:
             self._warn_once(f"empty:{name}", f"The dataset of {where} is empty: EvalGuard logs nothing for it.")
@@ -520,11 +561,27 @@ class EvalGuard(Callback, _StandaloneCallback):
         kwargs = trainer.distributed_sampler_kwargs or {}
         local = shard(indices, int(kwargs.get("rank", 0)), int(kwargs.get("num_replicas", 1)))
         loader = rebuild_loader(train_loader, local, batch_size, generator, merge_single_last=self.decompose)
-        return CleanSource(name, loader, "rebuilt", None, holders, generator, num_samples=len(local))
+        return CleanSource(
+            name,
+            loader,
+            "rebuilt",
+            None,
+            holders,
+            generator,
+            num_samples=len(local),
+            total_samples=len(indices),
+            cache=BatchCache(self.cache_max_bytes) if self.cache else None,
+        )
 
     # ---------------------------------------------------------------- logging
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, measured: dict[str, dict[str, float]]) -> None:
+    def _log(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        measured: dict[str, dict[str, float]],
+        pass_seconds: float,
+    ) -> None:
         clean = measured[_CLEAN]
         running = self._running_values(trainer, clean)
         gap = {name: clean[name] - running[name] for name in running}
@@ -540,6 +597,12 @@ class EvalGuard(Callback, _StandaloneCallback):
             groups["effect/train_mode"] = {n: clean[n] - train_mode[n] for n in clean if n in train_mode}
             groups["effect/augmentation"] = {n: train_mode[n] - augmented[n] for n in train_mode if n in augmented}
             groups["effect/weight_drift"] = {n: augmented[n] - running[n] for n in running if n in augmented}
+        stderr = self._standard_errors(clean)
+        if stderr:
+            groups["stderr"] = stderr
+        if trainer.world_size > 1:
+            pass_seconds = float(trainer.strategy.broadcast(pass_seconds, src=0))  # the same value on every rank
+        groups["time"] = {"pass_seconds": pass_seconds}
         for group, values in groups.items():
             for name, value in values.items():
                 pl_module.log(join_key(self.prefix, group, name), value, on_step=False, on_epoch=True)
@@ -547,6 +610,22 @@ class EvalGuard(Callback, _StandaloneCallback):
         entry.update({"clean": dict(clean), "running": running, "gap": gap, "validation": validation})
         entry.update({group: values for group, values in groups.items() if group not in entry})
         self.history.append(entry)
+
+    def _standard_errors(self, clean: Mapping[str, float]) -> dict[str, float]:
+        """sqrt(p (1 - p) / n) for micro-averaged accuracies measured on a subset of n samples."""
+        if self.limit_batches is None or not self._sources:
+            return {}
+        accuracies = {str(name) for name, metric in self._template.items(keep_base=False) if is_micro_accuracy(metric)}
+        stderr: dict[str, float] = {}
+        for source in self._sources:
+            if source.total_samples is None:
+                continue
+            for name in accuracies:
+                key = join_key(source.name, name)
+                if key in clean and source.total_samples > 0:
+                    p = min(max(clean[key], 0.0), 1.0)
+                    stderr[key] = math.sqrt(p * (1.0 - p) / source.total_samples)
+        return stderr
 
     def _running_values(self, trainer: pl.Trainer, clean: Mapping[str, float]) -> dict[str, float]:
         callback_metrics = trainer.callback_metrics
@@ -629,6 +708,15 @@ class EvalGuard(Callback, _StandaloneCallback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message, category=EvalGuardWarning)
+
+
+def _length(source: CleanSource) -> int | None:
+    """The number of batches a pass over ``source`` reads, when known."""
+    try:
+        length = len(source.loader)  # type: ignore[arg-type]
+    except TypeError:
+        return source.max_batches
+    return length if source.max_batches is None else min(length, source.max_batches)
 
 
 def _stochastic_message(culprit: str, pl_module: pl.LightningModule) -> str:

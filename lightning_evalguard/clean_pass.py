@@ -93,6 +93,7 @@ def run_pass(
     metrics: MetricCollection,
     forward: ForwardFn,
     max_batches: int | None = None,
+    on_batch: Callable[[], Any] | None = None,
 ) -> int:
     """Feed every batch of ``loader`` through the model and update ``metrics``; return the number of batches.
 
@@ -108,6 +109,7 @@ def run_pass(
         metrics: The metrics to update, already reset and on the module's device.
         forward: Computes ``(preds, target)`` from the module and a batch.
         max_batches: Stop after this many batches.
+        on_batch: Called after every batch (advances a progress bar).
 
     Returns:
         The number of batches evaluated.
@@ -117,6 +119,8 @@ def run_pass(
         preds, target = checked_forward(trainer, pl_module, forward, prepare_batch(trainer, pl_module, batch))
         metrics.update(preds, target)
         batches += 1
+        if on_batch is not None:
+            on_batch()
         if max_batches is not None and batches >= max_batches:
             break
     return batches

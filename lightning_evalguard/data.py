@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = [
+    "BatchCache",
     "CleanSource",
+    "batch_nbytes",
     "IndexSampler",
     "MergedLastBatchSampler",
     "fixed_subset",
@@ -38,6 +40,85 @@ LoaderArg = Union["DataLoader[Any]", Callable[["pl.Trainer"], "DataLoader[Any]"]
 HOOK_NAME = "clean_train_dataloader"
 
 
+def batch_nbytes(batch: Any) -> int:
+    """The bytes held by the tensors of a batch (tensors in tuples, lists and dicts).
+
+    Args:
+        batch: A batch.
+
+    Returns:
+        The sum of ``element_size() * nelement()`` over its tensors.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.element_size() * batch.nelement()
+    if isinstance(batch, Mapping):
+        return sum(batch_nbytes(value) for value in batch.values())
+    if isinstance(batch, (tuple, list)):
+        return sum(batch_nbytes(value) for value in batch)
+    return 0
+
+
+def _copy(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.clone()
+    if isinstance(batch, Mapping):
+        return type(batch)({key: _copy(value) for key, value in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_copy(value) for value in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_copy(value) for value in batch)
+    return batch
+
+
+class BatchCache:
+    """The clean batches of one source kept in host memory after the first full pass, up to ``max_bytes``.
+
+    With augmentation off the clean batches are the same every epoch, so later passes skip loading, worker start-up
+    and transforms. Each pass reads copies, so a hook that changes a batch in place cannot change the cache. If the
+    batches outgrow ``max_bytes`` while filling, the cache is dropped and passes read the loader as before.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        """Create an empty cache.
+
+        Args:
+            max_bytes: The most host memory the batches may take.
+        """
+        self.max_bytes = max_bytes
+        self.batches: list[Any] | None = None
+        self.nbytes = 0
+        self.overflowed = False
+
+    def read(self, loader: Iterable[Any], max_batches: int | None) -> Iterator[Any]:
+        """Yield up to ``max_batches`` batches: from the cache once it is full, else from ``loader`` while filling it.
+
+        Args:
+            loader: The source's loader.
+            max_batches: The most batches a pass reads.
+
+        Yields:
+            The batches (copies of the cached ones).
+        """
+        if self.batches is not None:
+            for batch in self.batches:
+                yield _copy(batch)
+            return
+        kept: list[Any] | None = None if self.overflowed else []
+        size = 0
+        for count, batch in enumerate(loader, start=1):
+            if kept is not None:
+                size += batch_nbytes(batch)
+                if size > self.max_bytes:
+                    kept, self.overflowed = None, True
+                else:
+                    kept.append(_copy(batch))
+            yield batch
+            if max_batches is not None and count >= max_batches:
+                break
+        if kept is not None:
+            self.batches, self.nbytes = kept, size
+
+
 @dataclass
 class CleanSource:
     """One stream of clean batches and how to read it.
@@ -50,6 +131,8 @@ class CleanSource:
         transform_holders: Datasets whose transform attribute is swapped for the pass (rebuilt loaders only).
         generator: The loader's own generator, re-seeded before each pass (rebuilt loaders only).
         num_samples: Samples this process evaluates, when known.
+        total_samples: Samples all processes evaluate together, when known.
+        cache: The batch cache (``cache=True``, rebuilt loaders only).
     """
 
     name: str | None
@@ -59,6 +142,8 @@ class CleanSource:
     transform_holders: list[Any] = field(default_factory=list)
     generator: torch.Generator | None = None
     num_samples: int | None = None
+    total_samples: int | None = None
+    cache: BatchCache | None = None
 
 
 class MergedLastBatchSampler(Sampler[list[int]]):

@@ -11,6 +11,7 @@ from torchmetrics import Metric, MetricCollection
 __all__ = [
     "clean_collection",
     "flatten_scalars",
+    "is_micro_accuracy",
     "join_key",
     "running_candidates",
     "validation_candidates",
@@ -85,6 +86,22 @@ def flatten_scalars(computed: Mapping[str, Any]) -> dict[str, torch.Tensor]:
             for index, element in enumerate(value.reshape(-1)):
                 scalars[f"{name}/{index}"] = element
     return scalars
+
+
+def is_micro_accuracy(metric: Metric) -> bool:
+    """Whether ``metric`` is a micro-averaged accuracy: a proportion of samples, with binomial standard error.
+
+    Args:
+        metric: A torchmetrics metric.
+
+    Returns:
+        True for ``BinaryAccuracy`` and ``MulticlassAccuracy(average="micro")`` (what ``Accuracy(task=...)`` builds).
+    """
+    from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
+
+    if isinstance(metric, BinaryAccuracy):
+        return True
+    return isinstance(metric, MulticlassAccuracy) and getattr(metric, "average", None) == "micro"
 
 
 def running_candidates(name: str) -> list[str]:

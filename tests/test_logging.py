@@ -74,7 +74,8 @@ def test_gap_is_clean_minus_running_and_history_has_its_shape(tmp_path):
     assert [entry["epoch"] for entry in guard.history] == [0, 1]
     assert [entry["step"] for entry in guard.history] == [3, 6]
     for entry in guard.history:
-        assert set(entry) == {"epoch", "step", "clean", "running", "gap", "validation", "generalization"}
+        assert set(entry) == {"epoch", "step", "clean", "running", "gap", "validation", "generalization", "time"}
+        assert entry["time"]["pass_seconds"] > 0
         assert entry["gap"]["acc"] == pytest.approx(entry["clean"]["acc"] - entry["running"]["acc"])
     assert float(pl_trainer.callback_metrics["evalguard/running/acc"]) == pytest.approx(
         float(pl_trainer.callback_metrics["train_acc"])

@@ -1,0 +1,134 @@
+"""What the pass costs is visible (duration, progress bar, subset noise) and can be cut (a bounded batch cache)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_evalguard import EvalGuard
+
+from helpers import NUM_CLASSES, Classifier, NumpyNoise, TensorData, loader, make_tensors, trainer
+
+
+def micro() -> MulticlassAccuracy:
+    return MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
+
+
+def test_pass_duration_is_logged(tmp_path):
+    x, y = make_tensors(32)
+    guard = EvalGuard({"acc": micro()})
+    pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=[guard])
+    pl_trainer.fit(Classifier("linear"), loader(TensorData(x, y)))
+    seconds = float(pl_trainer.callback_metrics["evalguard/time/pass_seconds"])
+    assert 0 < seconds < 60
+    assert seconds == pytest.approx(guard.history[-1]["time"]["pass_seconds"], rel=1e-6)
+
+
+def test_a_progress_bar_shows_during_the_pass_only_when_the_trainers_does(tmp_path, capsys):
+    x, y = make_tensors(32)
+    trainer(tmp_path, max_epochs=1, callbacks=[EvalGuard({"acc": micro()}, print_summary=False)],
+            enable_progress_bar=True).fit(Classifier("linear"), loader(TensorData(x, y)))
+    assert "EvalGuard clean pass" in capsys.readouterr().out
+    trainer(tmp_path, max_epochs=1, callbacks=[EvalGuard({"acc": micro()}, print_summary=False)],
+            enable_progress_bar=False).fit(Classifier("linear"), loader(TensorData(x, y)))
+    assert "EvalGuard clean pass" not in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:EvalGuard found no running metric")
+def test_standard_error_is_logged_for_micro_accuracies_on_a_subset(tmp_path):
+    x, y = make_tensors(64)
+    metrics = {"acc": micro(), "macro": MulticlassAccuracy(num_classes=NUM_CLASSES, average="macro")}
+    guard = EvalGuard(metrics, limit_batches=0.5)
+    pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[guard])
+    pl_trainer.fit(Classifier("linear"), loader(TensorData(x, y)))
+    p = guard.history[-1]["clean"]["acc"]
+    assert guard.history[-1]["stderr"] == {"acc": pytest.approx(math.sqrt(p * (1 - p) / 32))}
+    assert float(pl_trainer.callback_metrics["evalguard/stderr/acc"]) == pytest.approx(math.sqrt(p * (1 - p) / 32))
+    assert "evalguard/stderr/macro" not in pl_trainer.callback_metrics
+
+    whole = EvalGuard({"acc": micro()})
+    trainer(tmp_path, max_epochs=1, callbacks=[whole]).fit(Classifier("linear"), loader(TensorData(x, y)))
+    assert "stderr" not in whole.history[-1]
+
+
+class CountingData(TensorData):
+    """Counts __getitem__ calls and does some CPU work per sample (a stand-in for decoding)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reads = 0
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.reads += 1
+        return super().__getitem__(index)
+
+
+class MeanLogit(MeanMetric):
+    def update(self, preds: Any, target: Any) -> None:  # type: ignore[override]
+        super().update(preds[:, 0])
+
+
+class InPlaceHook(Classifier):
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        batch[0].mul_(1.0 if self.trainer.training else 2.0)  # changes the clean batch in place
+        return batch
+
+
+def run_cached(tmp_path: Any, cache: bool, epochs: int = 3) -> tuple[EvalGuard, CountingData]:
+    x, y = make_tensors(48)
+    data = CountingData(x, y, NumpyNoise())
+    metrics = {"acc": micro(), "logit": MeanLogit()}
+    guard = EvalGuard(metrics, eval_transform=nn.Identity(), cache=cache, limit_batches=0.5, guards="off")
+    pl.seed_everything(0, verbose=False)
+    model = InPlaceHook("both")
+    trainer(tmp_path, max_epochs=epochs, callbacks=[guard], deterministic=True).fit(model, loader(data))
+    return guard, data
+
+
+@pytest.mark.filterwarnings("ignore:EvalGuard found no running metric")
+def test_cached_passes_read_the_dataset_once_and_give_the_same_values(tmp_path):
+    plain, plain_data = run_cached(tmp_path, False)
+    cached, cached_data = run_cached(tmp_path, True)
+    training_reads = 3 * 48
+    assert plain_data.reads - training_reads == 3 * 24
+    # the budget check at fit start reads one batch (16); then only the first pass reads the 24 subset samples
+    assert cached_data.reads - training_reads == 16 + 24
+    assert [e["clean"] for e in cached.history] == [e["clean"] for e in plain.history]
+
+
+def test_training_with_a_cache_is_bit_identical(tmp_path):
+    def weights(with_guard: bool) -> dict[str, torch.Tensor]:
+        pl.seed_everything(1, verbose=False)
+        x, y = make_tensors(48)
+        model = Classifier("both", batch_noise=0.3)
+        callbacks = [EvalGuard({"acc": micro()}, eval_transform=nn.Identity(), cache=True)] if with_guard else []
+        trainer(tmp_path, max_epochs=3, deterministic=True, callbacks=callbacks).fit(
+            model, loader(TensorData(x, y, NumpyNoise()))
+        )
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    without, with_guard = weights(False), weights(True)
+    assert all(torch.equal(without[key], with_guard[key]) for key in without)
+
+
+def test_a_cache_over_its_budget_is_refused_before_training(tmp_path):
+    x, y = make_tensors(48)
+    model = Classifier("linear")
+    model.training_step = lambda *a: pytest.fail("training started")  # type: ignore[method-assign]
+    guard = EvalGuard({"acc": micro()}, cache=True, cache_max_bytes=1000)
+    with pytest.raises(ValueError, match=r"cache=True\) would keep about 0 MiB of clean batches \(3 batches of .* more than\s+cache_max_bytes=1000"):
+        trainer(tmp_path, callbacks=[guard]).fit(model, loader(TensorData(x, y)))
+
+
+def test_cache_max_bytes_is_checked_at_construction():
+    with pytest.raises(ValueError, match=r"`cache_max_bytes` must be an int >= 1 \(got 0\)"):
+        EvalGuard({"acc": micro()}, cache=True, cache_max_bytes=0)
+    with pytest.raises(TypeError, match=r"`cache` must be a bool"):
+        EvalGuard({"acc": micro()}, cache="yes")
