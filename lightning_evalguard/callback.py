@@ -560,7 +560,11 @@ class EvalGuard(Callback, _StandaloneCallback):
         indices = subset if subset is not None else range(num_samples)
         kwargs = trainer.distributed_sampler_kwargs or {}
         local = shard(indices, int(kwargs.get("rank", 0)), int(kwargs.get("num_replicas", 1)))
-        loader = rebuild_loader(train_loader, local, batch_size, generator, merge_single_last=self.decompose)
+        # Persistent workers would keep the eval transform for pass C too: only without decomposition.
+        persistent = bool(train_loader.persistent_workers) and not self.decompose
+        loader = rebuild_loader(
+            train_loader, local, batch_size, generator, merge_single_last=self.decompose, persistent_workers=persistent
+        )
         return CleanSource(
             name,
             loader,

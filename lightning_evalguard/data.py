@@ -329,6 +329,7 @@ def rebuild_loader(
     batch_size: int,
     generator: torch.Generator,
     merge_single_last: bool = False,
+    persistent_workers: bool = False,
 ) -> DataLoader[Any]:
     """A sequential loader over the training loader's dataset, keeping how it loads (collate, workers, pinning).
 
@@ -338,6 +339,8 @@ def rebuild_loader(
         batch_size: The clean-pass batch size.
         generator: The loader's own generator, so creating its iterator draws nothing from the global RNG.
         merge_single_last: Join a last batch of one sample to the batch before it (for train-mode passes).
+        persistent_workers: Keep the worker processes alive between passes (when the training loader does). They
+            keep the dataset as it was when they started, with the eval transform set: only for clean passes.
 
     Returns:
         The clean DataLoader (``drop_last=False``, no shuffling).
@@ -353,6 +356,7 @@ def rebuild_loader(
     if train_loader.num_workers > 0:
         kwargs["multiprocessing_context"] = train_loader.multiprocessing_context
         kwargs["prefetch_factor"] = train_loader.prefetch_factor
+        kwargs["persistent_workers"] = persistent_workers
     if train_loader.pin_memory:
         kwargs["pin_memory_device"] = train_loader.pin_memory_device
     if indices is not None and merge_single_last:

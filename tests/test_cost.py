@@ -132,3 +132,32 @@ def test_cache_max_bytes_is_checked_at_construction():
         EvalGuard({"acc": micro()}, cache=True, cache_max_bytes=0)
     with pytest.raises(TypeError, match=r"`cache` must be a bool"):
         EvalGuard({"acc": micro()}, cache="yes")
+
+
+STARTS = None
+
+
+def count_start(worker_id: int) -> None:
+    with STARTS.get_lock():  # type: ignore[union-attr]
+        STARTS.value += 1  # type: ignore[union-attr]
+
+
+def test_clean_loader_keeps_its_workers_alive_when_the_training_loader_does(tmp_path):
+    import multiprocessing
+
+    global STARTS
+    x, y = make_tensors(48)
+    for persistent, expected in ((True, 2), (False, 3 + 2 + 3)):
+        STARTS = multiprocessing.get_context("fork").Value("i", 0)
+        train = torch.utils.data.DataLoader(
+            TensorData(x, y, NumpyNoise()), batch_size=16, num_workers=1, persistent_workers=persistent,
+            multiprocessing_context="fork", worker_init_fn=count_start,
+        )
+        guard = EvalGuard({"acc": micro()}, eval_transform=nn.Identity())
+        trainer(tmp_path, max_epochs=3, callbacks=[guard]).fit(Classifier("linear"), train)
+        # persistent: one start for training, one for the clean loader (guard draws and three passes);
+        # otherwise: each training epoch, the two guard draws, and each of the three passes
+        assert STARTS.value == expected, persistent
+    decomposed = EvalGuard({"acc": micro()}, eval_transform=nn.Identity(), decompose=True)
+    trainer(tmp_path, max_epochs=1, callbacks=[decomposed]).fit(Classifier("linear"), train)
+    assert not decomposed._sources[0].loader.persistent_workers  # type: ignore[index, attr-defined]
