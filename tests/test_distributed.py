@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_evalguard import EvalGuard
+from lightning_evalguard import EvalGuard, EvalGuardWarning
 from lightning_evalguard.data import fixed_subset, pads_samples, shard
 
 from helpers import NUM_CLASSES, Classifier, NumpyNoise, TensorData, accuracy, loader, make_tensors, trainer
@@ -53,7 +54,7 @@ def check(metrics: dict[str, Any], model: torch.nn.Module, limit: float | None) 
 
 
 @pytest.mark.parametrize(
-    ("strategy", "limit"), [("ddp_fork", None), ("ddp_fork", 0.5), ("ddp_spawn", None)]
+    ("strategy", "limit"), [("ddp_fork", None), ("ddp_fork", 0.5), ("ddp_spawn", None), ("ddp_spawn", 0.5)]
 )
 def test_ddp_pass_counts_each_sample_once_and_equals_a_single_process_computation(tmp_path, strategy, limit):
     x, y = make_tensors(N)
@@ -71,16 +72,18 @@ def test_ddp_pass_counts_each_sample_once_and_equals_a_single_process_computatio
     assert [entry["clean"]["n"] for entry in history] == [len(subset_indices(limit))] * 2
 
 
-def test_ddp_strategy_through_a_launched_script(tmp_path):
+@pytest.mark.parametrize("limit", [None, 0.5])
+def test_ddp_strategy_through_a_launched_script(tmp_path, limit):
     script = Path(__file__).resolve().parent / "ddp_script.py"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    argument = "none" if limit is None else str(limit)
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), "0.5"], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, str(script), str(tmp_path), argument], capture_output=True, text=True, timeout=300, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
     model = Classifier("batchnorm")
     model.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True))
-    check(json.loads((tmp_path / "metrics.json").read_text()), model, 0.5)
+    check(json.loads((tmp_path / "metrics.json").read_text()), model, limit)
     assert json.loads((tmp_path / "history.json").read_text())["world_size"] == 2
 
 
@@ -126,3 +129,20 @@ def test_a_padding_distributed_sampler_is_detected():
     assert pads_samples(padding)
     assert not pads_samples(unrepeated)
     assert not pads_samples(even) or len(even.sampler.dataset) % 2  # type: ignore[attr-defined]
+
+
+def test_a_user_clean_loader_with_a_padding_sampler_is_warned_about_under_ddp(tmp_path):
+    x, y = make_tensors(N)
+    data = TensorData(x, y)
+
+    def build(pl_trainer: Any) -> torch.utils.data.DataLoader:
+        sampler = DistributedSampler(data, num_replicas=pl_trainer.world_size, rank=pl_trainer.global_rank, shuffle=False)
+        return torch.utils.data.DataLoader(data, batch_size=8, sampler=sampler)
+
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")}, dataloader=build)
+    pl_trainer = trainer(tmp_path, max_epochs=1, devices=2, strategy="ddp_fork", callbacks=[guard])
+    # the warning, made an error here, is raised on rank zero inside the forked process
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EvalGuardWarning)
+        with pytest.raises(Exception, match=r"pads the ranks with repeated samples.*UnrepeatedDistributedSampler"):
+            pl_trainer.fit(Classifier("linear"), loader(data, batch_size=11))

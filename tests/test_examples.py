@@ -7,7 +7,11 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_evalguard import EvalGuard
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -34,3 +38,68 @@ def test_digits_example_logs_clean_running_and_gap_to_tensorboard(tmp_path, caps
     )
     out = capsys.readouterr().out
     assert f"tensorboard --logdir {tmp_path / 'lightning_logs'}" in out
+
+
+EFFECTS = ("train_mode", "augmentation", "weight_drift")
+
+
+def test_digits_example_decompose_splits_the_gap_into_three_effects(tmp_path, capsys):
+    digits = load("digits")
+    args = ["--max-epochs", "2", "--root-dir", str(tmp_path), "--quiet", "--limit-batches", "0.25", "--decompose"]
+    guard = digits.main(args)
+    assert guard.decompose is True
+    for entry in guard.history:
+        total = sum(entry[f"effect/{kind}"]["acc"] for kind in EFFECTS)
+        assert total == pytest.approx(entry["gap"]["acc"], abs=1e-5)
+    # The CNN has Dropout and BatchNorm and its dataset augments: neither effect vanishes.
+    assert all(entry["effect/train_mode"]["acc"] != 0.0 for entry in guard.history)
+    assert all(entry["effect/augmentation"]["acc"] != 0.0 for entry in guard.history)
+    (log_dir,) = (tmp_path / "lightning_logs").iterdir()
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    assert {f"evalguard/effect/{kind}/acc" for kind in EFFECTS} <= set(events.Tags()["scalars"])
+    out = capsys.readouterr().out
+    assert "gap =" in out and "train mode +" in out
+
+
+def test_classic_pitfalls_clean_is_reproducible_and_train_mode_is_not(capsys):
+    pitfalls = load("classic_pitfalls")
+    results = pitfalls.main(["--max-epochs", "2", "--samples", "400", "--batch-size", "40"])
+    assert set(results) == {"linear", "dropout", "batchnorm"}
+    for name, result in results.items():
+        assert [entry["epoch"] for entry in result["history"]] == [0, 1], name
+        # Eval mode: the same value under another seed, batch size and order, and the value EvalGuard logged.
+        assert result["eval_mode"][0] == result["eval_mode"][1] == result["clean"], name
+    linear, dropout, batchnorm = results["linear"], results["dropout"], results["batchnorm"]
+    # Nothing in a linear model depends on the mode.
+    assert linear["train_mode"] == linear["eval_mode"]
+    assert all(entry["effect/train_mode"]["acc"] == 0.0 for entry in linear["history"])
+    # Dropout: a different value every run, and below the clean one.
+    assert dropout["train_mode"][0] != dropout["train_mode"][1]
+    assert max(dropout["train_mode"]) < dropout["clean"]
+    assert any(entry["effect/train_mode"]["acc"] != 0.0 for entry in dropout["history"])
+    # BatchNorm on batch statistics: the value depends on how the samples are batched.
+    assert batchnorm["train_mode"][0] != batchnorm["train_mode"][1]
+    assert any(entry["effect/train_mode"]["acc"] != 0.0 for entry in batchnorm["history"])
+    out = capsys.readouterr().out
+    assert out.count("identical, and equal to EvalGuard's clean acc") == 3
+    assert "identical: nothing in this model depends on the mode" in out
+    assert out.count("differ by") == 2
+
+
+def test_cli_example_configures_evalguard_and_its_metrics_in_yaml(tmp_path, monkeypatch):
+    monkeypatch.chdir(EXAMPLES.parent)  # as documented: run from the repository root
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # as `python examples/cli.py` does, so that `import digits` works
+    cli_example = load("cli")
+    args = ["fit", "--config", "examples/config.yaml", "--trainer.max_epochs=1"]
+    args += [f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+    cli = cli_example.main(args)
+    (guard,) = [callback for callback in cli.trainer.callbacks if isinstance(callback, EvalGuard)]
+    assert guard.metric_names == ["acc"]
+    assert isinstance(guard._template["acc"], MulticlassAccuracy)
+    assert (guard.eval_transform, guard.limit_batches, guard.every_n_epochs) == ("val", 0.5, 1)
+    assert [entry["epoch"] for entry in guard.history] == [0]
+    (log_dir,) = (tmp_path / "lightning_logs").iterdir()
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    assert {"evalguard/clean/acc", "evalguard/running/acc", "evalguard/gap/acc"} <= set(events.Tags()["scalars"])
