@@ -20,23 +20,8 @@ from typing_extensions import override
 
 from lightning_evalguard import arguments
 from lightning_evalguard import guards as guard_checks
-from lightning_evalguard._lightning import logged_flags
 from lightning_evalguard.clean_pass import ForwardFn, checked_forward, default_forward, prepare_batch, run_pass
-from lightning_evalguard.data import (
-    BatchCache,
-    CleanSource,
-    batch_nbytes,
-    fixed_subset,
-    is_iterable_dataset,
-    named_loaders,
-    pads_samples,
-    rebuild_loader,
-    resolve_batch_size,
-    shard,
-    transform_holders,
-    user_clean_loader,
-    validation_transform,
-)
+from lightning_evalguard.data import CleanSource, SourceOptions, batch_nbytes, build_sources, validation_transform
 from lightning_evalguard.errors import EvalGuardError, EvalGuardWarning
 from lightning_evalguard.isolation import (
     broadcast_buffers,
@@ -51,10 +36,9 @@ from lightning_evalguard.metrics import (
     flatten_scalars,
     is_micro_accuracy,
     join_key,
-    running_candidates,
-    validation_candidates,
 )
 from lightning_evalguard.progress import pass_progress
+from lightning_evalguard.reference import References
 from lightning_evalguard.summary import render_summary, summary_rows, summary_text, tensorboard_layout
 
 if TYPE_CHECKING:
@@ -192,7 +176,7 @@ class EvalGuard(Callback, _StandaloneCallback):
         self._sources_for_loaders: Any = None
         self._metrics: dict[str | None, MetricCollection] = {}
         self._warned: set[str] = set()
-        self._running_read: dict[str, tuple[str | None, float | None]] = {}
+        self._references = References(self.running, self.val)
         self._validated_epoch: int | None = None
 
     @property
@@ -207,7 +191,7 @@ class EvalGuard(Callback, _StandaloneCallback):
         if stage == TrainerFn.FITTING:
             self._sources = None
             self._sources_for_loaders = None
-            self._running_read = {}
+            self._references.forget()
             self._validated_epoch = None
 
     @override
@@ -236,11 +220,11 @@ class EvalGuard(Callback, _StandaloneCallback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check_running_read(trainer)
+        self._references.check_after_epoch(trainer, self._warn_once)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check_running_read(trainer)
+        self._references.check_after_epoch(trainer, self._warn_once)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -443,9 +427,7 @@ class EvalGuard(Callback, _StandaloneCallback):
         if not trainer.is_global_zero:
             return
         names = [join_key(source.name, name) for source in sources for name in self.metric_names]
-        validation_keys = {
-            name: [self.val[name]] if self.val and name in self.val else validation_candidates(name) for name in names
-        }
+        validation_keys = {name: self._references.validation_candidates(name) for name in names}
         layout = tensorboard_layout(self.prefix, names, validation_keys, self.decompose)
         for logger in trainer.loggers:
             if type(logger).__name__ != "TensorBoardLogger":  # either Lightning namespace's; other loggers: untouched
@@ -484,98 +466,20 @@ class EvalGuard(Callback, _StandaloneCallback):
     def _clean_sources(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[CleanSource]:
         """Build the clean sources once per fit (again if Lightning reloads the training loaders)."""
         train_loaders = trainer.train_dataloader
-        if self._sources is not None and self._sources_for_loaders is train_loaders:
-            return self._sources
-        user = user_clean_loader(trainer, pl_module, self.dataloader)
-        if user is not None:
-            mechanism, loader = user
-            if trainer.world_size > 1 and pads_samples(loader):
-                self._warn_once(
-                    "padding-sampler",
-                    "EvalGuard's clean loader from "
-                    + ("`dataloader=`" if mechanism == "dataloader" else "`clean_train_dataloader()`")
-                    + " uses a DistributedSampler that pads the ranks with repeated samples, which biases the clean"
-                    " metric. Shard it without padding: sampler=UnrepeatedDistributedSampler(dataset,"
-                    " num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)"
-                    " (from lightning.pytorch.overrides.distributed).",
-                )
-            sources = [CleanSource(None, loader, mechanism, max_batches=self._user_loader_limit(loader, mechanism))]
-        else:
-            sources = [self._rebuilt_source(trainer, name, loader) for name, loader in named_loaders(train_loaders)]
-        self._sources, self._sources_for_loaders = sources, train_loaders
-        return sources
-
-    def _user_loader_limit(self, loader: Any, mechanism: str) -> int | None:
-        if self.limit_batches is None or isinstance(self.limit_batches, int):
-            return self.limit_batches
-        try:
-            length = len(loader)
-        except TypeError:
-            where = "`dataloader=`" if mechanism == "dataloader" else "`clean_train_dataloader()`"
-            raise ValueError(
-                f"EvalGuard(limit_batches={self.limit_batches}) is a fraction, but the loader from {where} has no"
-                " length. Pass an int `limit_batches` (a number of batches) instead."
-            ) from None
-        return max(1, math.ceil(self.limit_batches * length))
-
-    def _rebuilt_source(self, trainer: pl.Trainer, name: str | None, train_loader: Any) -> CleanSource:
-        where = f"training loader {name!r}" if name is not None else "the training loader"
-        if not isinstance(train_loader, DataLoader):
-            raise TypeError(
-                f"EvalGuard rebuilds {where} to switch augmentation off, but it is a {type(train_loader).__name__},"
-                " not a torch DataLoader. Pass `dataloader=` to EvalGuard or define `clean_train_dataloader()` on"
-                " your LightningDataModule or LightningModule."
+        if self._sources is None or self._sources_for_loaders is not train_loaders:
+            options = SourceOptions(
+                dataloader=self.dataloader,
+                eval_transform=self.eval_transform,
+                transform_attr=self.transform_attr,
+                limit_batches=self.limit_batches,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                decompose=self.decompose,
+                cache_max_bytes=self.cache_max_bytes if self.cache else None,
             )
-        batch_size = resolve_batch_size(train_loader, self.batch_size)
-        holders: list[Any] = []
-        if self.eval_transform is not None:
-            holders = transform_holders(train_loader, self.transform_attr)
-            if not holders:
-                raise ValueError(
-                    f"EvalGuard(eval_transform=...) sets the dataset attribute {self.transform_attr!r}, but the"
-                    f" dataset of {where} ({type(train_loader.dataset).__name__}) has none, also through Subset and"
-                    " ConcatDataset. Set `transform_attr=` to the attribute your dataset uses, or pass"
-                    " `dataloader=` to EvalGuard."
-                )
-        generator = torch.Generator()
-        if is_iterable_dataset(train_loader):
-            if not isinstance(self.limit_batches, int):
-                raise ValueError(
-                    f"The dataset of {where} is an IterableDataset: EvalGuard cannot index it or know its length."
-                    " Pass `dataloader=` to EvalGuard, define `clean_train_dataloader()` on your LightningDataModule"
-                    " or LightningModule, or pass an int `limit_batches=` (a number of batches to evaluate)."
-                )
-            loader = rebuild_loader(train_loader, None, batch_size, generator)
-            cache = BatchCache(self.cache_max_bytes) if self.cache else None
-            return CleanSource(name, loader, "rebuilt", self.limit_batches, holders, generator, cache=cache)
-        num_samples = len(train_loader.dataset)  # type: ignore[arg-type]
-        if num_samples == 0:
-            self._warn_once(f"empty:{name}", f"The dataset of {where} is empty: EvalGuard logs nothing for it.")
-        key = name or ""
-        subset = fixed_subset(num_samples, self.limit_batches, batch_size, self.seed, self._subsets.get(key))
-        if subset is None:
-            self._subsets.pop(key, None)
-        else:
-            self._subsets[key] = subset
-        indices = subset if subset is not None else range(num_samples)
-        kwargs = trainer.distributed_sampler_kwargs or {}
-        local = shard(indices, int(kwargs.get("rank", 0)), int(kwargs.get("num_replicas", 1)))
-        # Persistent workers would keep the eval transform for pass C too: only without decomposition.
-        persistent = bool(train_loader.persistent_workers) and not self.decompose
-        loader = rebuild_loader(
-            train_loader, local, batch_size, generator, merge_single_last=self.decompose, persistent_workers=persistent
-        )
-        return CleanSource(
-            name,
-            loader,
-            "rebuilt",
-            None,
-            holders,
-            generator,
-            num_samples=len(local),
-            total_samples=len(indices),
-            cache=BatchCache(self.cache_max_bytes) if self.cache else None,
-        )
+            self._sources = build_sources(trainer, pl_module, options, self._subsets, self._warn_once)
+            self._sources_for_loaders = train_loaders
+        return self._sources
 
     # ---------------------------------------------------------------- logging
 
@@ -587,9 +491,10 @@ class EvalGuard(Callback, _StandaloneCallback):
         pass_seconds: float,
     ) -> None:
         clean = measured[_CLEAN]
-        running = self._running_values(trainer, clean)
+        running = self._references.running_values(trainer, clean, self._warn_once)
         gap = {name: clean[name] - running[name] for name in running}
-        validation = self._validation_values(trainer, clean)
+        validated = self._validated_epoch == trainer.current_epoch  # validation values only when it ran this epoch
+        validation = self._references.validation_values(trainer, clean) if validated else {}
         groups: dict[str, dict[str, float]] = {
             "clean": clean,
             "running": running,
@@ -631,83 +536,6 @@ class EvalGuard(Callback, _StandaloneCallback):
                     stderr[key] = math.sqrt(p * (1.0 - p) / source.total_samples)
         return stderr
 
-    def _running_values(self, trainer: pl.Trainer, clean: Mapping[str, float]) -> dict[str, float]:
-        callback_metrics = trainer.callback_metrics
-        flags = logged_flags(trainer)
-        running: dict[str, float] = {}
-        self._running_read = {}
-        for name in clean:
-            key = self._running_key(name, callback_metrics)
-            value = float(callback_metrics[key]) if key is not None else None
-            self._running_read[name] = (key, value)
-            if key is None or value is None:
-                continue
-            running[name] = value
-            logged = flags.get(key) or flags.get(key.removesuffix("_epoch"))
-            if logged is not None and not logged.on_epoch:
-                self._warn_once(
-                    f"step:{name}",
-                    f"EvalGuard compares clean {name!r} with {key!r}, which was logged with on_epoch=False: it holds"
-                    " the last batch's value, not the epoch's. Log it with"
-                    f" `self.log({key!r}, ..., on_epoch=True)` in training_step.",
-                )
-        if trainer.world_size > 1:
-            # Rank-local running values differ when they were logged without sync_dist; take the logger's (rank 0).
-            running = trainer.strategy.broadcast(running, src=0)
-        return running
-
-    def _validation_values(self, trainer: pl.Trainer, clean: Mapping[str, float]) -> dict[str, float]:
-        """The validation metric per name, only when validation ran during this epoch."""
-        if self._validated_epoch != trainer.current_epoch:
-            return {}
-        callback_metrics = trainer.callback_metrics
-        validation: dict[str, float] = {}
-        for name in clean:
-            if self.val is not None and name in self.val:
-                candidates = [self.val[name]]
-            else:
-                candidates = validation_candidates(name)
-            key = next((candidate for candidate in candidates if candidate in callback_metrics), None)
-            if key is not None:
-                validation[name] = float(callback_metrics[key])
-        if trainer.world_size > 1:
-            validation = trainer.strategy.broadcast(validation, src=0)
-        return validation
-
-    def _running_key(self, name: str, callback_metrics: Mapping[str, Any]) -> str | None:
-        if self.running is not None and name in self.running:
-            key = self.running[name]
-            return key if key in callback_metrics else None
-        return next((key for key in running_candidates(name) if key in callback_metrics), None)
-
-    def _check_running_read(self, trainer: pl.Trainer) -> None:
-        """After the epoch's hooks: warn about running keys that were missing, or written after EvalGuard read them."""
-        pending, self._running_read = self._running_read, {}
-        if not pending:
-            return
-        callback_metrics = trainer.callback_metrics
-        for name, (key, value) in pending.items():
-            candidates = [self.running[name]] if self.running and name in self.running else running_candidates(name)
-            if key is None:
-                late = next((candidate for candidate in candidates if candidate in callback_metrics), None)
-                if late is None:
-                    self._warn_once(
-                        f"missing:{name}",
-                        f"EvalGuard found no running metric for {name!r}: looked for {candidates} in"
-                        f" trainer.callback_metrics, which holds {sorted(callback_metrics)}. The clean value is"
-                        f" logged without running and gap; pass `running={{{name!r}: '<key>'}}` to EvalGuard.",
-                    )
-                    continue
-                key = late
-            elif key not in callback_metrics or _same(float(callback_metrics[key]), value):
-                continue
-            self._warn_once(
-                f"late:{name}",
-                f"{key!r} was logged after EvalGuard read it, in the LightningModule's own on_train_epoch_end"
-                " (Lightning calls callbacks' on_train_epoch_end first), so EvalGuard compares clean"
-                f" {name!r} with the previous epoch's value. Log it in training_step with on_epoch=True instead.",
-            )
-
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -748,10 +576,6 @@ def _print_summary(rows: list[dict[str, str]]) -> None:
         from rich.console import Console
 
         Console().print(rendered)
-
-
-def _same(a: float, b: float | None) -> bool:
-    return b is not None and (a == b or (math.isnan(a) and math.isnan(b)))
 
 
 def _add_note(exc: BaseException, note: str) -> None:

@@ -8,7 +8,7 @@ the training loader's ``collate_fn``, workers and pinning), with ``eval_transfor
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 __all__ = [
     "BatchCache",
     "CleanSource",
+    "SourceOptions",
+    "build_sources",
     "batch_nbytes",
     "IndexSampler",
     "MergedLastBatchSampler",
@@ -456,3 +458,134 @@ def _overrides_val_dataloader(owner: Any) -> bool:
         if "val_dataloader" in vars(klass):
             return not klass.__module__.startswith(("lightning.pytorch.", "pytorch_lightning."))
     return False
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """The callback's arguments that decide where clean batches come from (see ``EvalGuard``)."""
+
+    dataloader: LoaderArg
+    eval_transform: Any
+    transform_attr: str
+    limit_batches: int | float | None
+    batch_size: int | None
+    seed: int
+    decompose: bool
+    cache_max_bytes: int | None  # None: no cache
+
+
+def build_sources(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    options: SourceOptions,
+    subsets: MutableMapping[str, list[int]],
+    warn: Callable[[str, str], None],
+) -> list[CleanSource]:
+    """The clean sources, by precedence: ``dataloader=``, the ``clean_train_dataloader`` hook, rebuilt loaders.
+
+    Args:
+        trainer: The Trainer, with its training loaders loaded.
+        pl_module: The LightningModule.
+        options: The callback's arguments.
+        subsets: Fixed subsets by loader name (``""`` for a single loader): read, and updated with new draws.
+        warn: ``(key, message)``: gives a warning once.
+
+    Returns:
+        One source for a user loader; one per training loader otherwise.
+
+    Raises:
+        TypeError: If a training loader to rebuild is not a DataLoader, or a user loader is not iterable.
+        ValueError: If the clean data cannot be built from these arguments (the message says what to pass).
+    """
+    user = user_clean_loader(trainer, pl_module, options.dataloader)
+    if user is None:
+        loaders = named_loaders(trainer.train_dataloader)
+        return [_rebuilt_source(trainer, name, loader, options, subsets, warn) for name, loader in loaders]
+    mechanism, loader = user
+    where = "`dataloader=`" if mechanism == "dataloader" else "`clean_train_dataloader()`"
+    if trainer.world_size > 1 and pads_samples(loader):
+        warn(
+            "padding-sampler",
+            f"EvalGuard's clean loader from {where} uses a DistributedSampler that pads the ranks with repeated"
+            " samples, which biases the clean metric. Shard it without padding:"
+            " sampler=UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,"
+            " rank=trainer.global_rank, shuffle=False) (from lightning.pytorch.overrides.distributed).",
+        )
+    limit = options.limit_batches
+    if isinstance(limit, float):
+        try:
+            length = len(loader)  # type: ignore[arg-type]
+        except TypeError:
+            raise ValueError(
+                f"EvalGuard(limit_batches={limit}) is a fraction, but the loader from {where} has no length. Pass"
+                " an int `limit_batches` (a number of batches) instead."
+            ) from None
+        return [CleanSource(None, loader, mechanism, max_batches=max(1, math.ceil(limit * length)))]
+    return [CleanSource(None, loader, mechanism, max_batches=limit)]
+
+
+def _rebuilt_source(
+    trainer: pl.Trainer,
+    name: str | None,
+    train_loader: Any,
+    options: SourceOptions,
+    subsets: MutableMapping[str, list[int]],
+    warn: Callable[[str, str], None],
+) -> CleanSource:
+    where = f"training loader {name!r}" if name is not None else "the training loader"
+    if not isinstance(train_loader, DataLoader):
+        raise TypeError(
+            f"EvalGuard rebuilds {where} to switch augmentation off, but it is a {type(train_loader).__name__},"
+            " not a torch DataLoader. Pass `dataloader=` to EvalGuard or define `clean_train_dataloader()` on"
+            " your LightningDataModule or LightningModule."
+        )
+    batch_size = resolve_batch_size(train_loader, options.batch_size)
+    holders: list[Any] = []
+    if options.eval_transform is not None:
+        holders = transform_holders(train_loader, options.transform_attr)
+        if not holders:
+            raise ValueError(
+                f"EvalGuard(eval_transform=...) sets the dataset attribute {options.transform_attr!r}, but the"
+                f" dataset of {where} ({type(train_loader.dataset).__name__}) has none, also through Subset and"
+                " ConcatDataset. Set `transform_attr=` to the attribute your dataset uses, or pass"
+                " `dataloader=` to EvalGuard."
+            )
+    generator = torch.Generator()
+    cache = BatchCache(options.cache_max_bytes) if options.cache_max_bytes is not None else None
+    if is_iterable_dataset(train_loader):
+        if not isinstance(options.limit_batches, int):
+            raise ValueError(
+                f"The dataset of {where} is an IterableDataset: EvalGuard cannot index it or know its length."
+                " Pass `dataloader=` to EvalGuard, define `clean_train_dataloader()` on your LightningDataModule"
+                " or LightningModule, or pass an int `limit_batches=` (a number of batches to evaluate)."
+            )
+        loader = rebuild_loader(train_loader, None, batch_size, generator)
+        return CleanSource(name, loader, "rebuilt", options.limit_batches, holders, generator, cache=cache)
+    num_samples = len(train_loader.dataset)  # type: ignore[arg-type]
+    if num_samples == 0:
+        warn(f"empty:{name}", f"The dataset of {where} is empty: EvalGuard logs nothing for it.")
+    key = name or ""
+    subset = fixed_subset(num_samples, options.limit_batches, batch_size, options.seed, subsets.get(key))
+    if subset is None:
+        subsets.pop(key, None)
+    else:
+        subsets[key] = subset
+    indices = subset if subset is not None else range(num_samples)
+    sampler_kwargs = trainer.distributed_sampler_kwargs or {}
+    local = shard(indices, int(sampler_kwargs.get("rank", 0)), int(sampler_kwargs.get("num_replicas", 1)))
+    # Persistent workers would keep the eval transform for pass C too: only without decomposition.
+    persistent = bool(train_loader.persistent_workers) and not options.decompose
+    loader = rebuild_loader(
+        train_loader, local, batch_size, generator, merge_single_last=options.decompose, persistent_workers=persistent
+    )
+    return CleanSource(
+        name,
+        loader,
+        "rebuilt",
+        None,
+        holders,
+        generator,
+        num_samples=len(local),
+        total_samples=len(indices),
+        cache=cache,
+    )

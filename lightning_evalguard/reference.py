@@ -1,0 +1,157 @@
+"""What the clean metrics are compared with: the running train metrics and the validation metrics.
+
+Keys are looked up in ``trainer.callback_metrics``. Two common ways of logging make the comparison wrong, and each
+gets one warning: a key logged with ``on_epoch=False`` (it holds the last batch's value), and a key logged in the
+LightningModule's own ``on_train_epoch_end`` (written after callbacks run, so the callback reads the previous epoch's
+value). The second can only be seen after the epoch's hooks have run: :meth:`References.check_after_epoch`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from lightning_evalguard._lightning import logged_flags
+from lightning_evalguard.metrics import running_candidates, validation_candidates
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["References"]
+
+Warn = Callable[[str, str], None]
+
+
+class References:
+    """Reads running and validation values by metric name, and remembers what it read for a later check."""
+
+    def __init__(self, running: Mapping[str, str] | None, val: Mapping[str, str] | None) -> None:
+        """Store the explicit key mappings.
+
+        Args:
+            running: The callback's ``running`` argument: metric name -> key.
+            val: The callback's ``val`` argument: metric name -> key.
+        """
+        self.running = dict(running or {})
+        self.val = dict(val or {})
+        self._read: dict[str, tuple[str | None, float | None]] = {}
+
+    def running_candidates(self, name: str) -> list[str]:
+        """The keys looked up, in order, for the running value of ``name``.
+
+        Args:
+            name: The metric name.
+
+        Returns:
+            ``[running[name]]`` when given, else ``train_<name>``, ``train/<name>``, and the ``_epoch`` variants.
+        """
+        return [self.running[name]] if name in self.running else running_candidates(name)
+
+    def validation_candidates(self, name: str) -> list[str]:
+        """The keys looked up, in order, for the validation value of ``name``.
+
+        Args:
+            name: The metric name.
+
+        Returns:
+            ``[val[name]]`` when given, else ``val_<name>``, ``val/<name>``.
+        """
+        return [self.val[name]] if name in self.val else validation_candidates(name)
+
+    def running_values(self, trainer: pl.Trainer, names: Iterable[str], warn: Warn) -> dict[str, float]:
+        """The running value of each metric found, the same on every rank (rank 0's, which the logger writes).
+
+        Args:
+            trainer: The Trainer.
+            names: The metric names.
+            warn: ``(key, message)``: gives a warning once.
+
+        Returns:
+            ``{name: value}`` for the names whose key was found.
+        """
+        callback_metrics = trainer.callback_metrics
+        flags = logged_flags(trainer)
+        values: dict[str, float] = {}
+        self._read = {}
+        for name in names:
+            key = next((key for key in self.running_candidates(name) if key in callback_metrics), None)
+            value = float(callback_metrics[key]) if key is not None else None
+            self._read[name] = (key, value)
+            if key is None or value is None:
+                continue
+            values[name] = value
+            logged = flags.get(key) or flags.get(key.removesuffix("_epoch"))
+            if logged is not None and not logged.on_epoch:
+                warn(
+                    f"step:{name}",
+                    f"EvalGuard compares clean {name!r} with {key!r}, which was logged with on_epoch=False: it holds"
+                    " the last batch's value, not the epoch's. Log it with"
+                    f" `self.log({key!r}, ..., on_epoch=True)` in training_step.",
+                )
+        return _same_on_every_rank(trainer, values)
+
+    def validation_values(self, trainer: pl.Trainer, names: Iterable[str]) -> dict[str, float]:
+        """The validation value of each metric found, the same on every rank.
+
+        Args:
+            trainer: The Trainer (call only for epochs where validation ran).
+            names: The metric names.
+
+        Returns:
+            ``{name: value}`` for the names whose key was found.
+        """
+        callback_metrics = trainer.callback_metrics
+        values: dict[str, float] = {}
+        for name in names:
+            key = next((key for key in self.validation_candidates(name) if key in callback_metrics), None)
+            if key is not None:
+                values[name] = float(callback_metrics[key])
+        return _same_on_every_rank(trainer, values)
+
+    def check_after_epoch(self, trainer: pl.Trainer, warn: Warn) -> None:
+        """After the epoch's hooks: warn about running keys that were missing, or written after they were read.
+
+        Args:
+            trainer: The Trainer, at the next epoch's start or at the end of training.
+            warn: ``(key, message)``: gives a warning once.
+        """
+        pending, self._read = self._read, {}
+        callback_metrics = trainer.callback_metrics
+        for name, (key, value) in pending.items():
+            candidates = self.running_candidates(name)
+            if key is None:
+                late = next((candidate for candidate in candidates if candidate in callback_metrics), None)
+                if late is None:
+                    warn(
+                        f"missing:{name}",
+                        f"EvalGuard found no running metric for {name!r}: looked for {candidates} in"
+                        f" trainer.callback_metrics, which holds {sorted(callback_metrics)}. The clean value is"
+                        f" logged without running and gap; pass `running={{{name!r}: '<key>'}}` to EvalGuard.",
+                    )
+                    continue
+                key = late
+            elif key not in callback_metrics or _same(float(callback_metrics[key]), value):
+                continue
+            warn(
+                f"late:{name}",
+                f"{key!r} was logged after EvalGuard read it, in the LightningModule's own on_train_epoch_end"
+                " (Lightning calls callbacks' on_train_epoch_end first), so EvalGuard compares clean"
+                f" {name!r} with the previous epoch's value. Log it in training_step with on_epoch=True instead.",
+            )
+
+    def forget(self) -> None:
+        """Drop what was read (a new fit starts)."""
+        self._read = {}
+
+
+def _same_on_every_rank(trainer: pl.Trainer, values: dict[str, float]) -> dict[str, float]:
+    # Rank-local values differ when they were logged without sync_dist; take rank 0's, which the logger writes.
+    if trainer.world_size > 1:
+        broadcast: Any = trainer.strategy.broadcast(values, src=0)
+        return dict(broadcast)
+    return values
+
+
+def _same(a: float, b: float | None) -> bool:
+    return b is not None and (a == b or (math.isnan(a) and math.isnan(b)))
