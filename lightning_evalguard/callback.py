@@ -49,15 +49,14 @@ __all__ = ["EvalGuard", "EvalGuardError", "EvalGuardWarning"]
 #: The passes a measurement may run: the clean one, and for ``decompose=True`` pass B and pass C.
 _CLEAN, _TRAIN_MODE, _AUGMENTED = "clean", "train_mode_pass", "augmented_pass"
 
-# The standalone `pytorch_lightning` package: when it is installed, EvalGuard is a callback of both namespaces, so
-# the same object works with `lightning.pytorch.Trainer` and `pytorch_lightning.Trainer` (their hooks are the same).
-if TYPE_CHECKING:
+# The standalone `pytorch_lightning` package: when the user has imported it, EvalGuard is a callback of both
+# namespaces, so the same object works with `lightning.pytorch.Trainer` and `pytorch_lightning.Trainer` (their hooks
+# are the same). It is never imported here: importing it re-routes Lightning's log messages to its own logger.
+# `lightning_evalguard.pytorch_lightning.EvalGuard` works whatever the import order.
+if TYPE_CHECKING or "pytorch_lightning" not in sys.modules:
     _StandaloneCallback = object
 else:
-    try:
-        from pytorch_lightning import Callback as _StandaloneCallback
-    except ImportError:  # pragma: no cover - exercised where pytorch_lightning is absent
-        _StandaloneCallback = object
+    from pytorch_lightning import Callback as _StandaloneCallback
 
 
 class EvalGuard(Callback, _StandaloneCallback):
@@ -70,7 +69,13 @@ class EvalGuard(Callback, _StandaloneCallback):
 
     - ``<prefix>/clean/<name>``: the metric over the training data, eval mode, augmentation off;
     - ``<prefix>/running/<name>``: the running train metric it is compared with;
-    - ``<prefix>/gap/<name>``: clean - running.
+    - ``<prefix>/gap/<name>``: clean - running;
+    - ``<prefix>/generalization/<name>``: clean - validation, for epochs where validation ran;
+    - ``<prefix>/effect/train_mode/<name>``, ``<prefix>/effect/augmentation/<name>``,
+      ``<prefix>/effect/weight_drift/<name>``: with ``decompose=True``, the gap's three causes (they add up to it);
+    - ``<prefix>/stderr/<name>``: for micro-averaged accuracies on a ``limit_batches`` subset of n samples,
+      sqrt(p (1 - p) / n);
+    - ``<prefix>/time/pass_seconds``: how long EvalGuard's work at that epoch end took.
 
     With several training loaders, ``<name>`` is ``<loader name or index>/<name>``; a metric computing a vector
     logs element ``i`` as ``<name>/i``.
@@ -102,12 +107,24 @@ class EvalGuard(Callback, _StandaloneCallback):
             first batches are taken instead. None evaluates everything.
         batch_size: The clean-pass batch size of a rebuilt loader; default: the training loader's.
         prefix: The first part of every logged key.
-        seed: Seeds the subset draw and the clean loader's own generator.
+        seed: Seeds the subset draw, the clean loader's own generator, and the RNG state every pass starts from.
+        val: Metric name -> key in ``trainer.callback_metrics`` of the validation metric. Without it, the first of
+            ``val_<name>``, ``val/<name>`` is used.
+        decompose: Also run pass B (the modules' own training flags, augmentation off) and pass C (training flags,
+            augmentation on, ``trainer.training`` True) over the same batches, and log the effects
+            ``train_mode`` = clean - B, ``augmentation`` = B - C, ``weight_drift`` = C - running.
+        guards: ``"raise"``, ``"warn"`` or ``"off"``. Before the first training step, the first clean batch is drawn
+            under two seeds (if they differ, augmentation is still on) and the eval-mode model is run twice on it
+            (if the outputs differ, the first module responsible is named); after every pass, module flags, the
+            trainer's stage and the RNG states must be back.
+        print_summary: Print :meth:`summary` (a rich table when rich is installed) on rank zero at the end of fit.
+        cache: Keep the clean batches in host memory after the first pass; later passes skip loading and transforms.
+        cache_max_bytes: The most host memory the cache may take; a cache estimated above it is refused at fit start.
 
     Raises:
         TypeError: If an argument has the wrong type (the message names it, what was expected and what was given).
         ValueError: If an argument has a wrong value, e.g. ``every_n_epochs=0`` or ``limit_batches=1.5``.
-        MisconfigurationException: Never; Lightning's own errors pass through unchanged.
+        EvalGuardError: From ``guards="raise"``, when a guard finds the pass would not be clean.
 
     At fit start (before the first training step) a ``TypeError``/``ValueError`` says what to pass when the clean
     data cannot be built: an ``IterableDataset`` without ``dataloader=``, the hook or an int ``limit_batches``; an
@@ -115,8 +132,11 @@ class EvalGuard(Callback, _StandaloneCallback):
     exception inside the pass propagates unchanged, with a note naming EvalGuard and the epoch.
 
     Attributes:
-        history: One dict per evaluated epoch:
-            ``{"epoch", "step", "clean": {name: float}, "running": {...}, "gap": {...}}``.
+        history: One dict per evaluated epoch: ``{"epoch", "step", "clean": {name: float}, "running": {...},
+            "gap": {...}, "validation": {...}, "generalization": {...}, "time": {"pass_seconds": float}}``, plus
+            ``"effect/train_mode"``, ``"effect/augmentation"``, ``"effect/weight_drift"`` when decomposing and
+            ``"stderr"`` on a subset.
+        metric_names: The metric names.
 
     Example::
 
@@ -314,8 +334,9 @@ class EvalGuard(Callback, _StandaloneCallback):
                 values.update({(flavor, name): value for name, value in computed.items()})
         measured: dict[str, dict[str, float]] = {flavor: {} for flavor in flavors}
         if values:
-            # One host sync per pass, not per batch.
-            numbers = torch.stack([value.detach().to(torch.float64).cpu() for value in values.values()]).tolist()
+            # One host sync per pass, not per batch (MPS has no float64).
+            dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64
+            numbers = torch.stack([value.detach().to(pl_module.device, dtype) for value in values.values()]).tolist()
             for (flavor, name), number in zip(values, numbers, strict=True):
                 measured[flavor][name] = number
         return measured
@@ -568,8 +589,9 @@ def _stochastic_message(culprit: str, pl_module: pl.LightningModule) -> str:
 
 @rank_zero_only
 def _print_summary(rows: list[dict[str, str]]) -> None:
-    # The end-of-fit summary is the one thing EvalGuard prints (print_summary=False turns it off).
-    rendered = render_summary(rows)
+    # The end-of-fit summary is the one thing EvalGuard prints (print_summary=False turns it off). A rich table in a
+    # terminal; plain text elsewhere (log files, pipes), where rich would cut the table at 80 columns.
+    rendered = render_summary(rows) if sys.stdout.isatty() else summary_text(rows)
     if isinstance(rendered, str):
         print(rendered)
     else:

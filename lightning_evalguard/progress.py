@@ -17,8 +17,9 @@ __all__ = ["pass_progress"]
 def pass_progress(trainer: pl.Trainer, total: int | None, description: str) -> Iterator[Callable[[], None]]:
     """Show a tqdm bar below the training bar while the pass runs; yield the function that advances it.
 
-    Nothing is shown on other ranks, or when the Trainer's progress bar is off (``enable_progress_bar=False``) or
-    disabled. The bar refreshes at the Trainer's progress bar ``refresh_rate`` and disappears when the pass ends.
+    Nothing is shown on other ranks, when the Trainer's progress bar is off (``enable_progress_bar=False``) or
+    disabled, or when standard output is not a terminal (a second bar there writes cursor-movement codes into log
+    files). The bar refreshes at the Trainer's progress bar ``refresh_rate`` and disappears when the pass ends.
 
     Args:
         trainer: The Trainer.
@@ -30,6 +31,9 @@ def pass_progress(trainer: pl.Trainer, total: int | None, description: str) -> I
     """
     progress_bar = trainer.progress_bar_callback
     if progress_bar is None or not trainer.is_global_zero or not getattr(progress_bar, "is_enabled", False):
+        yield _nothing
+        return
+    if not _is_terminal(sys.stdout):
         yield _nothing
         return
     from tqdm import tqdm
@@ -54,3 +58,10 @@ def pass_progress(trainer: pl.Trainer, total: int | None, description: str) -> I
 
 def _nothing() -> None:
     return None
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False

@@ -31,8 +31,14 @@ def test_pass_duration_is_logged(tmp_path):
     assert seconds == pytest.approx(guard.history[-1]["time"]["pass_seconds"], rel=1e-6)
 
 
-def test_a_progress_bar_shows_during_the_pass_only_when_the_trainers_does(tmp_path, capsys):
+def test_a_progress_bar_shows_during_the_pass_only_when_the_trainers_does(tmp_path, capsys, monkeypatch):
+    import sys
+
     x, y = make_tensors(32)
+    trainer(tmp_path, max_epochs=1, callbacks=[EvalGuard({"acc": micro()}, print_summary=False)],
+            enable_progress_bar=True).fit(Classifier("linear"), loader(TensorData(x, y)))
+    assert "EvalGuard clean pass" not in capsys.readouterr().out  # not a terminal: no cursor codes in logs
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     trainer(tmp_path, max_epochs=1, callbacks=[EvalGuard({"acc": micro()}, print_summary=False)],
             enable_progress_bar=True).fit(Classifier("linear"), loader(TensorData(x, y)))
     assert "EvalGuard clean pass" in capsys.readouterr().out

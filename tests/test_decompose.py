@@ -161,9 +161,22 @@ def test_no_summary_is_printed_with_print_summary_false(tmp_path, capsys):
     assert guard.summary().startswith("EvalGuard summary")
 
 
+def test_summary_is_a_rich_table_in_a_terminal(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    x, y = make_tensors(16)
+    guard = EvalGuard({"acc": acc()})
+    trainer(tmp_path, max_epochs=1, callbacks=[guard]).fit(Classifier("linear"), loader(TensorData(x, y)))
+    out = capsys.readouterr().out
+    assert "EvalGuard summary" in out and "┃" in out  # rich's table border
+    assert f"{guard.history[-1]['clean']['acc']:.4f}" in out
+
+
 def test_summary_is_plain_text_without_rich(tmp_path, capsys, monkeypatch):
     import sys
 
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     monkeypatch.setitem(sys.modules, "rich", None)
     monkeypatch.setitem(sys.modules, "rich.table", None)
     x, y = make_tensors(16)

@@ -9,7 +9,6 @@ from types import ModuleType
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_evalguard import EvalGuard
 
@@ -90,15 +89,18 @@ def test_classic_pitfalls_clean_is_reproducible_and_train_mode_is_not(capsys):
 def test_cli_example_configures_evalguard_and_its_metrics_in_yaml(tmp_path, monkeypatch):
     monkeypatch.chdir(EXAMPLES.parent)  # as documented: run from the repository root
     monkeypatch.syspath_prepend(str(EXAMPLES))  # as `python examples/cli.py` does, so that `import digits` works
+    monkeypatch.setattr(sys, "argv", ["examples/cli.py"])  # pytest's own arguments are not the CLI's
     cli_example = load("cli")
     args = ["fit", "--config", "examples/config.yaml", "--trainer.max_epochs=1"]
     args += [f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
     cli = cli_example.main(args)
     (guard,) = [callback for callback in cli.trainer.callbacks if isinstance(callback, EvalGuard)]
+    (configured,) = cli.config.fit.trainer.callbacks
+    assert configured.init_args.metrics["acc"].class_path == "torchmetrics.classification.MulticlassAccuracy"
     assert guard.metric_names == ["acc"]
-    assert isinstance(guard._template["acc"], MulticlassAccuracy)
     assert (guard.eval_transform, guard.limit_batches, guard.every_n_epochs) == ("val", 0.5, 1)
     assert [entry["epoch"] for entry in guard.history] == [0]
+    assert 0.0 <= guard.history[0]["clean"]["acc"] <= 1.0 and set(guard.history[0]["gap"]) == {"acc"}
     (log_dir,) = (tmp_path / "lightning_logs").iterdir()
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     events.Reload()

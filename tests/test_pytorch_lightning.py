@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_evalguard import EvalGuard
+from lightning_evalguard.pytorch_lightning import EvalGuard
 
 from helpers import NUM_CLASSES, NumpyNoise, TensorData, accuracy, build_net, make_tensors
 
@@ -61,3 +61,34 @@ def test_evalguard_runs_with_the_pytorch_lightning_trainer(tmp_path):
     assert [entry["epoch"] for entry in guard.history] == [0, 1]
     assert guard.history[-1]["clean"]["acc"] == pytest.approx(accuracy(model, x, y), abs=1e-6)
     assert float(trainer.callback_metrics["evalguard/gap/acc"]) == pytest.approx(guard.history[-1]["gap"]["acc"], abs=1e-6)
+
+
+def test_importing_the_package_leaves_pytorch_lightning_and_logging_alone():
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, sys, lightning.pytorch, lightning_utilities.core.rank_zero as rz;"
+        "before = rz.log.name;"
+        "import lightning_evalguard;"
+        "assert 'pytorch_lightning' not in sys.modules, 'pytorch_lightning was imported';"
+        "assert rz.log.name == before, rz.log.name;"
+        "assert lightning_evalguard.EvalGuard.__mro__[1].__module__.startswith('lightning.pytorch')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_main_class_is_also_a_pytorch_lightning_callback_when_that_was_imported_first():
+    import subprocess
+    import sys
+
+    code = (
+        "import pytorch_lightning, lightning.pytorch;"
+        "from lightning_evalguard import EvalGuard;"
+        "from lightning_evalguard.pytorch_lightning import EvalGuard as Standalone;"
+        "assert issubclass(EvalGuard, pytorch_lightning.Callback) and issubclass(EvalGuard, lightning.pytorch.Callback);"
+        "assert Standalone is EvalGuard"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
