@@ -1,0 +1,67 @@
+"""CUDA checks, run where a GPU is present (CI has none; the device sessions run this file)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy
+
+import lightning_evalguard.callback as callback_module
+from lightning_evalguard import EvalGuard
+
+from helpers import NUM_CLASSES, Classifier, NumpyNoise, TensorData, loader, make_tensors, trainer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class Correct(Metric):
+    """Counts correct predictions with device-only operations (no validation, no host sync)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.correct += (preds.argmax(dim=1) == target).sum()
+        self.total += target.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.correct.double() / self.total
+
+
+def test_clean_accuracy_on_cuda_equals_an_independent_computation(tmp_path):
+    x, y = make_tensors(70)
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")}, eval_transform=nn.Identity())
+    model = Classifier("both", batch_noise=0.3)
+    pl_trainer = trainer(tmp_path, max_epochs=2, accelerator="cuda", callbacks=[guard])
+    pl_trainer.fit(model, loader(TensorData(x, y, NumpyNoise()), pin_memory=True))
+    (collection,) = guard._metrics.values()
+    assert collection["acc"].device.type == "cuda"
+    model.eval()
+    with torch.no_grad():
+        expected = (model(x.cuda()).argmax(1) == y.cuda()).double().mean().item()
+    assert guard.history[-1]["clean"]["acc"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_batch_loop_does_not_sync_with_the_host(tmp_path, monkeypatch):
+    original = callback_module.run_pass
+
+    def strict(*args: Any, **kwargs: Any) -> int:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return original(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(callback_module, "run_pass", strict)
+    x, y = make_tensors(64)
+    guard = EvalGuard({"correct": Correct()}, eval_transform=nn.Identity(), running={}, guards="off")
+    pl_trainer = trainer(tmp_path, max_epochs=1, accelerator="cuda", callbacks=[guard])
+    with pytest.warns(UserWarning, match="no running metric"):
+        pl_trainer.fit(Classifier("linear"), loader(TensorData(x, y), pin_memory=True))
+    assert len(guard.history) == 1
