@@ -117,7 +117,7 @@ class EvalGuard(Callback, _StandaloneCallback):
             under two seeds (if they differ, augmentation is still on) and the eval-mode model is run twice on it
             (if the outputs differ, the first module responsible is named); after every pass, module flags, the
             trainer's stage and the RNG states must be back.
-        print_summary: Print :meth:`summary` (a rich table when rich is installed) on rank zero at the end of fit.
+        print_summary: Print ``summary`` (a rich table when rich is installed) on rank zero at the end of fit.
         cache: Keep the clean batches in host memory after the first pass; later passes skip loading and transforms.
         cache_max_bytes: The most host memory the cache may take; a cache estimated above it is refused at fit start.
 
@@ -138,13 +138,15 @@ class EvalGuard(Callback, _StandaloneCallback):
             ``"stderr"`` on a subset.
         metric_names: The metric names.
 
-    Example::
-
+    Example:
+        ```python
+        from lightning.pytorch import Trainer
         from torchmetrics.classification import MulticlassAccuracy
         from lightning_evalguard import EvalGuard
 
-        guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=10)}, eval_transform="val")
+        guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=10, average="micro")}, eval_transform="val")
         trainer = Trainer(callbacks=[guard])  # logs evalguard/clean/acc, evalguard/running/acc, evalguard/gap/acc
+        ```
     """
 
     def __init__(
@@ -286,7 +288,7 @@ class EvalGuard(Callback, _StandaloneCallback):
 
         Returns:
             A table of running, clean, gap, validation and generalization values (and the effects when decomposing)
-            from the last evaluated epoch, followed by one reading per metric.
+                from the last evaluated epoch, followed by one reading per metric.
         """
         return summary_text(self._summary_rows())
 
@@ -548,7 +550,7 @@ class EvalGuard(Callback, _StandaloneCallback):
         accuracies = {str(name) for name, metric in self._template.items(keep_base=False) if is_micro_accuracy(metric)}
         stderr: dict[str, float] = {}
         for source in self._sources:
-            if source.total_samples is None:
+            if source.total_samples is None or not source.sampled:
                 continue
             for name in accuracies:
                 key = join_key(source.name, name)

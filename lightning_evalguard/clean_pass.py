@@ -67,7 +67,7 @@ def checked_forward(
         trainer: The Trainer.
         pl_module: The LightningModule.
         forward: ``(module, batch) -> (preds, target)``.
-        batch: A prepared batch (see :func:`prepare_batch`).
+        batch: A prepared batch (see ``prepare_batch``).
 
     Returns:
         ``(preds, target)``.

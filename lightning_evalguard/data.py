@@ -134,6 +134,7 @@ class CleanSource:
         generator: The loader's own generator, re-seeded before each pass (rebuilt loaders only).
         num_samples: Samples this process evaluates, when known.
         total_samples: Samples all processes evaluate together, when known.
+        sampled: Whether ``limit_batches`` drew a random subset (smaller than the dataset).
         cache: The batch cache (``cache=True``, rebuilt loaders only).
     """
 
@@ -145,6 +146,7 @@ class CleanSource:
     generator: torch.Generator | None = None
     num_samples: int | None = None
     total_samples: int | None = None
+    sampled: bool = False
     cache: BatchCache | None = None
 
 
@@ -587,5 +589,6 @@ def _rebuilt_source(
         generator,
         num_samples=len(local),
         total_samples=len(indices),
+        sampled=subset is not None,
         cache=cache,
     )

@@ -1,10 +1,10 @@
 """Checks that catch a clean pass that would not be clean: run at fit start, and after every pass.
 
-- :func:`augmentation_difference`: the first clean batch, drawn twice under different seeds, must be identical;
+- ``augmentation_difference``: the first clean batch, drawn twice under different seeds, must be identical;
   otherwise augmentation is still on.
-- :func:`stochastic_module`: the model in eval mode, run twice on that batch under different seeds, must give the
+- ``stochastic_module``: the model in eval mode, run twice on that batch under different seeds, must give the
   same output; otherwise a layer ignores eval mode, and forward hooks name the first one.
-- :func:`state_changes`: module flags, the trainer's stage and RNG states must be back after a pass.
+- ``state_changes``: module flags, the trainer's stage and RNG states must be back after a pass.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def augmentation_difference(draw: Callable[[int], Any]) -> tuple[str | None, Any
     """Draw the first clean batch under two seeds and describe how they differ.
 
     Args:
-        draw: ``seed -> batch``: seeds every RNG the data pipeline may use (see :func:`reseed`) and returns the first
+        draw: ``seed -> batch``: seeds every RNG the data pipeline may use (see ``reseed``) and returns the first
             clean batch as it reaches the model, or None when the loader is empty.
 
     Returns:
@@ -167,7 +167,7 @@ def stochastic_module(module: nn.Module, run: Callable[[], Any]) -> str | None:
 
     Returns:
         The qualified name of the first module whose output differs for an identical input (``""`` for the root
-        module), ``"forward="`` when the randomness is outside every module, or None when both runs agree.
+            module), ``"forward="`` when the randomness is outside every module, or None when both runs agree.
     """
     first_calls: list[tuple[str, Any, Any]] = []
     second_calls: list[tuple[str, Any, Any]] = []

@@ -112,7 +112,7 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
 
     After the last training step each DDP rank has updated its BatchNorm running statistics on its own batch, so
     the ranks hold slightly different models. Broadcasting rank 0's buffers makes every rank evaluate the model a
-    checkpoint would save. Call it inside :func:`preserved_buffers` so each rank gets its own buffers back.
+    checkpoint would save. Call it inside ``preserved_buffers`` so each rank gets its own buffers back.
 
     Args:
         module: The module whose buffers are overwritten in place.
@@ -185,7 +185,7 @@ def swapped_attribute(holders: Sequence[Any], attr: str, value: Any) -> Iterator
     """Set ``attr`` to ``value`` on each holder for the block, then put each holder's own value back.
 
     Args:
-        holders: Objects whose attribute is swapped, e.g. from :func:`find_attribute_holders`.
+        holders: Objects whose attribute is swapped, e.g. from ``find_attribute_holders``.
         attr: The attribute name.
         value: The value set for the duration of the block.
 

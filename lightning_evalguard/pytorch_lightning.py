@@ -18,4 +18,4 @@ if issubclass(_EvalGuard, pytorch_lightning.Callback):
 else:
 
     class EvalGuard(_EvalGuard, pytorch_lightning.Callback):  # type: ignore[misc,no-redef]
-        """:class:`lightning_evalguard.EvalGuard`, also a ``pytorch_lightning.Callback``; see its documentation."""
+        """``lightning_evalguard.EvalGuard``, also a ``pytorch_lightning.Callback``; see its documentation."""

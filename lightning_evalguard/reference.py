@@ -3,7 +3,7 @@
 Keys are looked up in ``trainer.callback_metrics``. Two common ways of logging make the comparison wrong, and each
 gets one warning: a key logged with ``on_epoch=False`` (it holds the last batch's value), and a key logged in the
 LightningModule's own ``on_train_epoch_end`` (written after callbacks run, so the callback reads the previous epoch's
-value). The second can only be seen after the epoch's hooks have run: :meth:`References.check_after_epoch`.
+value). The second can only be seen after the epoch's hooks have run: ``References.check_after_epoch``.
 """
 
 from __future__ import annotations

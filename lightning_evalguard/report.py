@@ -6,13 +6,13 @@ reads the scalars of every EvalGuard instance in it (every ``<prefix>`` with ``<
 
 - ``<prefix>/clean/<name>``, ``<prefix>/running/<name>``, ``<prefix>/gap/<name>``;
 - when present, ``<prefix>/generalization/<name>`` (clean - validation, so validation = clean - generalization) and
-  ``<prefix>/effect/<kind>/<name>`` for the kinds of :data:`~lightning_evalguard.summary.EFFECT_LABELS`,
+  ``<prefix>/effect/<kind>/<name>`` for the kinds of ``lightning_evalguard.summary.EFFECT_LABELS``,
 
 and prints, per metric, one row per evaluated epoch followed by the reading of the last one. Steps are mapped to epochs
 with Lightning's ``epoch`` scalar; without it the table shows the step. ``--png FILE`` draws, per metric, the running,
 clean and validation curves next to the gap and its effects (matplotlib, from ``lightning-evalguard[plot]``).
 
-The loading, rendering and plotting functions print nothing; only :func:`main` writes to stdout and stderr.
+The loading, rendering and plotting functions print nothing; only ``main`` writes to stdout and stderr.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ __all__ = [
 
 #: The names TensorBoard gives its event files.
 EVENT_FILE_PATTERN = "events.out.tfevents.*"
-#: Value groups of the table and of :attr:`EpochRow.values`, in column order; ``effect/<kind>`` groups follow.
+#: Value groups of the table and of ``EpochRow.values``, in column order; ``effect/<kind>`` groups follow.
 VALUE_GROUPS = ("running", "clean", "gap", "validation", "generalization")
 _TAG_GROUPS = ("clean", "running", "gap", "generalization")
 _PLOT_HINT = "pip install 'lightning-evalguard[plot]'"
@@ -94,10 +94,10 @@ class MetricLog:
         return "epoch" if all(row.epoch is not None for row in self.rows) else "step"
 
     def x(self, row: EpochRow) -> int:
-        """The row's position on the x axis: its epoch, or its step (see :attr:`x_label`).
+        """The row's position on the x axis: its epoch, or its step (see ``x_label``).
 
         Args:
-            row: One of :attr:`rows`.
+            row: One of ``rows``.
 
         Returns:
             The epoch or the step.
@@ -106,7 +106,7 @@ class MetricLog:
 
     @property
     def groups(self) -> list[str]:
-        """The value groups logged in any row, in column order (:data:`VALUE_GROUPS`, then the effects)."""
+        """The value groups logged in any row, in column order (``VALUE_GROUPS``, then the effects)."""
         present = {group for row in self.rows for group in row.values}
         effects = [f"effect/{kind}" for kind in EFFECT_LABELS]
         effects += sorted(group for group in present if group.startswith("effect/") and group not in effects)
@@ -142,7 +142,7 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """All scalars of the event files in one directory.
 
     Args:
-        run_dir: A directory from :func:`find_run_dirs`.
+        run_dir: A directory from ``find_run_dirs``.
 
     Returns:
         ``{tag: [(step, value), ...]}``, tags in the order they were first written.
@@ -175,7 +175,7 @@ def parse_scalars(scalars: Mapping[str, Sequence[tuple[int, float]]]) -> tuple[M
     the same step. ``<prefix>/time/...`` and ``<prefix>/stderr/...`` are not read.
 
     Args:
-        scalars: ``{tag: [(step, value), ...]}``, as from :func:`read_scalars`; ``epoch`` maps steps to epochs.
+        scalars: ``{tag: [(step, value), ...]}``, as from ``read_scalars``; ``epoch`` maps steps to epochs.
 
     Returns:
         One entry per prefix and metric with a clean value; empty when there are no EvalGuard tags.
@@ -253,7 +253,7 @@ def render_metric(metric: MetricLog) -> str:
     """One metric's table, a row per evaluated epoch, followed by the reading of the last epoch with a clean value.
 
     Args:
-        metric: From :func:`parse_scalars`.
+        metric: From ``parse_scalars``.
 
     Returns:
         The text, without a trailing newline.
@@ -274,7 +274,7 @@ def render_report(runs: Sequence[RunLog]) -> str:
     """The report: for each run a heading with its path, then a table per metric.
 
     Args:
-        runs: From :func:`load_runs`.
+        runs: From ``load_runs``.
 
     Returns:
         The text, without a trailing newline.
@@ -302,7 +302,7 @@ def plot_runs(runs: Sequence[RunLog], path: str | Path) -> None:
     through the Agg canvas, without pyplot, so the caller's backend and open figures are left as they were.
 
     Args:
-        runs: From :func:`load_runs`.
+        runs: From ``load_runs``.
         path: Where to save; the format follows the suffix.
 
     Raises:
@@ -371,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit code: 0, or 2 with one line on stderr when LOGDIR is missing, holds no event files or no EvalGuard
-        scalars, or ``--png`` cannot be written (matplotlib missing included).
+            scalars, or ``--png`` cannot be written (matplotlib missing included).
     """
     args = _parser().parse_args(argv)
     try:

@@ -137,7 +137,7 @@ def summary_text(rows: Sequence[Mapping[str, str]], title: str = "EvalGuard summ
     """Render summary rows as a plain-text table followed by the readings.
 
     Args:
-        rows: From :func:`summary_rows`.
+        rows: From ``summary_rows``.
         title: The first line.
 
     Returns:
@@ -159,11 +159,11 @@ def render_summary(rows: Sequence[Mapping[str, str]], title: str = "EvalGuard su
     """The summary for printing: a ``rich`` table (with the readings as a caption) when rich is installed.
 
     Args:
-        rows: From :func:`summary_rows`.
+        rows: From ``summary_rows``.
         title: The table's title.
 
     Returns:
-        A ``rich.table.Table``, or the plain text of :func:`summary_text` without rich.
+        A ``rich.table.Table``, or the plain text of ``summary_text`` without rich.
     """
     try:
         from rich.table import Table
