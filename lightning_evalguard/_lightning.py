@@ -1,6 +1,6 @@
-"""The only two places where EvalGuard touches Lightning internals.
+"""Where EvalGuard touches Lightning internals (two places), and how it tells a user's hook from Lightning's default.
 
-Each is tested by ``tests/test_lightning_private.py``, which fails loudly when an upgrade moves them.
+The two internals are tested by ``tests/test_lightning_private.py``, which fails loudly when an upgrade moves them.
 """
 
 from __future__ import annotations
@@ -59,3 +59,25 @@ def logged_flags(trainer: pl.Trainer) -> dict[str, LoggedFlags]:
     except AttributeError:
         return {}
     return flags
+
+
+def user_overrides(owner: Any, name: str) -> bool:
+    """Whether ``owner``'s class (or a user base class) defines ``name``, rather than Lightning's own classes.
+
+    Works for objects of either namespace (``lightning.pytorch`` and the standalone ``pytorch_lightning``), where
+    ``lightning.pytorch.utilities.model_helpers.is_overridden`` rejects the other namespace's objects.
+
+    Args:
+        owner: A LightningModule, LightningDataModule or Strategy, or None.
+        name: The method's name.
+
+    Returns:
+        True when the method the object would call was not defined in Lightning's own modules.
+    """
+    if owner is None:
+        return False
+    method = getattr(type(owner), name, None)
+    if method is None:
+        return False
+    module = getattr(method, "__module__", None) or ""
+    return not module.startswith(("lightning.pytorch.", "pytorch_lightning."))

@@ -7,12 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 from torchmetrics import MetricCollection
 
-from lightning_evalguard._lightning import on_before_batch_transfer
+from lightning_evalguard._lightning import on_before_batch_transfer, user_overrides
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["ForwardFn", "checked_forward", "default_forward", "prepare_batch", "run_pass"]
+__all__ = ["ForwardFn", "batch_path", "checked_forward", "default_forward", "prepare_batch", "run_pass"]
+
+_BATCH_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
 
 ForwardFn = Callable[["pl.LightningModule", Any], "tuple[Any, Any]"]
 
@@ -56,6 +58,38 @@ def prepare_batch(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any
     batch = trainer.precision_plugin.convert_input(batch)
     batch = on_before_batch_transfer(pl_module, batch)
     return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+
+
+def batch_path(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[Any], Any]:
+    """The function that brings a loader's batch to the model, chosen once per pass.
+
+    When neither the module nor the datamodule overrides a batch-transfer hook and the strategy moves batches the
+    default way, the hooks are Lightning's identities and ``move_data_to_device``: the batch goes there directly,
+    without the per-batch hook dispatch. Otherwise :func:`prepare_batch`.
+
+    Args:
+        trainer: The Trainer.
+        pl_module: The LightningModule.
+
+    Returns:
+        ``batch -> batch on the device``.
+    """
+    datamodule = getattr(trainer, "datamodule", None)
+    if any(user_overrides(pl_module, hook) or user_overrides(datamodule, hook) for hook in _BATCH_HOOKS) or (
+        not _base_batch_to_device(trainer.strategy)
+    ):
+        return lambda batch: prepare_batch(trainer, pl_module, batch)
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    convert, device = trainer.precision_plugin.convert_input, trainer.strategy.root_device
+    return lambda batch: move_data_to_device(convert(batch), device)
+
+
+def _base_batch_to_device(strategy: Any) -> bool:
+    # Whether the strategy moves batches with the base Strategy.batch_to_device (no strategy-specific override).
+    method = getattr(type(strategy), "batch_to_device", None)
+    module = getattr(method, "__module__", None)
+    return module in ("lightning.pytorch.strategies.strategy", "pytorch_lightning.strategies.strategy")
 
 
 def checked_forward(
@@ -115,8 +149,9 @@ def run_pass(
         The number of batches evaluated.
     """
     batches = 0
+    to_device = batch_path(trainer, pl_module)
     for batch in loader:
-        preds, target = checked_forward(trainer, pl_module, forward, prepare_batch(trainer, pl_module, batch))
+        preds, target = checked_forward(trainer, pl_module, forward, to_device(batch))
         metrics.update(preds, target)
         batches += 1
         if on_batch is not None:

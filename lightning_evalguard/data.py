@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
 
+from lightning_evalguard._lightning import user_overrides
 from lightning_evalguard.isolation import find_attribute_holders
 
 if TYPE_CHECKING:
@@ -454,12 +455,8 @@ def pads_samples(loader: Any) -> bool:
 
 
 def _overrides_val_dataloader(owner: Any) -> bool:
-    # `val_dataloader` exists on every LightningModule/LightningDataModule (of either Lightning namespace) and raises
-    # unless overridden: the first class in the MRO that defines it tells whether the user did.
-    for klass in type(owner).__mro__:
-        if "val_dataloader" in vars(klass):
-            return not klass.__module__.startswith(("lightning.pytorch.", "pytorch_lightning."))
-    return False
+    # `val_dataloader` exists on every LightningModule/LightningDataModule and raises unless overridden.
+    return user_overrides(owner, "val_dataloader")
 
 
 @dataclass(frozen=True)

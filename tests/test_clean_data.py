@@ -446,3 +446,20 @@ def test_dataset_augmentation_is_off_but_numpy_noise_dataset_is_measured_clean(t
     guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")}, eval_transform=nn.Identity())
     fit(tmp_path, guard, model, max_epochs=2, train_dataloaders=loader(TensorData(x, y, NumpyNoise(2.0))))
     assert guard.history[-1]["clean"]["acc"] == pytest.approx(accuracy(model, x, y), abs=1e-6)
+
+
+def test_without_user_batch_hooks_batches_take_the_direct_path(tmp_path, monkeypatch):
+    import lightning_evalguard.clean_pass as clean_pass
+
+    calls: list[int] = []
+    original = clean_pass.prepare_batch
+    monkeypatch.setattr(clean_pass, "prepare_batch", lambda *a: calls.append(1) or original(*a))
+    x, y = make_tensors(20)
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")}, guards="off", batch_size=5)
+    class NoHooks(Classifier):
+        on_after_batch_transfer = pl.LightningModule.on_after_batch_transfer  # Lightning's own, not overridden
+
+    fit(tmp_path, guard, NoHooks("linear"), train_dataloaders=loader(TensorData(x, y)))
+    assert calls == []  # no hook overridden: move_data_to_device directly
+    fit(tmp_path, guard, HookedModule(), train_dataloaders=loader(TensorData(x, y)))
+    assert len(calls) == 4  # hooks overridden: Lightning's dispatch, every batch
