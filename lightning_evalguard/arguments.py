@@ -64,11 +64,7 @@ def check_every_n_epochs(value: Any) -> int:
         TypeError: If it is not an int.
         ValueError: If it is < 1.
     """
-    if not _is_int(value):
-        raise TypeError(f"`every_n_epochs` must be an int >= 1 ({_got(value)}).")
-    if value < 1:
-        raise ValueError(f"`every_n_epochs` must be an int >= 1 (got {value}).")
-    return int(value)
+    return check_positive_int("every_n_epochs", value)
 
 
 def check_limit_batches(value: Any) -> int | float | None:

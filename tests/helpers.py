@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -125,3 +126,33 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 acc_metric = MulticlassAccuracy
+
+
+def assert_training_unchanged_by(
+    tmp_path: Any,
+    make_callback: Callable[[], pl.Callback],
+    make_model: Callable[[], pl.LightningModule] = lambda: Classifier("both", batch_noise=0.3),
+    n: int = 48,
+    epochs: int = 3,
+    seed: int = 0,
+) -> pl.Callback:
+    """Fit twice from the same seed, without and with the callback, and assert the weights are bit-identical.
+
+    The training data carries numpy augmentation in the dataset; the model may augment batches from torch's RNG.
+    Returns the callback, for checks on what it measured.
+    """
+    weights = []
+    callback = make_callback()
+    for callbacks in ([], [callback]):
+        pl.seed_everything(seed, workers=True, verbose=False)
+        x, y = make_tensors(n)
+        model = make_model()
+        trainer(tmp_path, max_epochs=epochs, deterministic=True, callbacks=callbacks).fit(
+            model, loader(TensorData(x, y, NumpyNoise()))
+        )
+        weights.append({key: value.clone() for key, value in model.state_dict().items()})
+    without, with_callback = weights
+    assert without.keys() == with_callback.keys()
+    for key in without:
+        assert torch.equal(without[key], with_callback[key]), f"{key} differs with the callback"
+    return callback

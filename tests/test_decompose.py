@@ -8,12 +8,20 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_evalguard import EvalGuard
 
-from helpers import NUM_CLASSES, Classifier, NumpyNoise, TensorData, loader, make_tensors, trainer
+from helpers import (
+    NUM_CLASSES,
+    Classifier,
+    NumpyNoise,
+    TensorData,
+    assert_training_unchanged_by,
+    loader,
+    make_tensors,
+    trainer,
+)
 
 EFFECTS = ("train_mode", "augmentation", "weight_drift")
 
@@ -88,19 +96,10 @@ def test_a_last_batch_of_one_sample_does_not_break_the_train_mode_passes(tmp_pat
 
 
 def test_training_with_decompose_is_bit_identical_to_training_without_the_callback(tmp_path):
-    def weights(with_guard: bool) -> dict[str, torch.Tensor]:
-        pl.seed_everything(0, workers=True, verbose=False)
-        x, y = make_tensors(72)
-        model = Classifier("both", batch_noise=0.2)
-        callbacks = [EvalGuard({"acc": acc()}, eval_transform=nn.Identity(), decompose=True)] if with_guard else []
-        train = DataLoader(TensorData(x, y, NumpyNoise()), batch_size=16, shuffle=True)
-        trainer(tmp_path, max_epochs=3, deterministic=True, callbacks=callbacks).fit(model, train)
-        if with_guard:
-            assert len(callbacks[0].history) == 3
-        return {k: v.clone() for k, v in model.state_dict().items()}
-
-    without, with_guard = weights(False), weights(True)
-    assert all(torch.equal(without[key], with_guard[key]) for key in without)
+    guard = assert_training_unchanged_by(
+        tmp_path, lambda: EvalGuard({"acc": acc()}, eval_transform=nn.Identity(), decompose=True), n=72
+    )
+    assert len(guard.history) == 3
 
 
 def test_decompose_with_a_user_loader_fails_before_training(tmp_path):
