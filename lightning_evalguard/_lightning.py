@@ -1,6 +1,6 @@
-"""Where EvalGuard touches Lightning internals (two places), and how it tells a user's hook from Lightning's default.
+"""Where EvalGuard touches Lightning internals, and how it tells a user's hook from Lightning's default.
 
-The two internals are tested by ``tests/test_lightning_private.py``, which fails loudly when an upgrade moves them.
+Each use of an internal is tested by ``tests/test_lightning_private.py``, which fails loudly when an upgrade moves it.
 """
 
 from __future__ import annotations
@@ -81,3 +81,37 @@ def user_overrides(owner: Any, name: str) -> bool:
         return False
     module = getattr(method, "__module__", None) or ""
     return not module.startswith(("lightning.pytorch.", "pytorch_lightning."))
+
+
+def unwrap_distributed_sampler(sampler: Any) -> Any:
+    """The user's sampler inside Lightning's ``DistributedSamplerWrapper``, else ``sampler`` itself.
+
+    Under DDP Lightning wraps a custom sampler; the wrapper's dataset is a private ``_DatasetSamplerWrapper`` that
+    holds the original in ``_sampler`` (``lightning/fabric/utilities/distributed.py``). No public accessor exists.
+
+    Args:
+        sampler: A DataLoader's sampler.
+
+    Returns:
+        The sampler the user gave.
+    """
+    if type(sampler).__name__ == "DistributedSamplerWrapper":
+        inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+        if inner is not None:
+            return inner
+    return sampler
+
+
+def uses_inference_mode(trainer: pl.Trainer) -> bool:
+    """Whether the Trainer evaluates under ``torch.inference_mode()`` (``Trainer(inference_mode=True)``).
+
+    The Trainer keeps its ``inference_mode`` argument on its ``validate``/``test`` loops only (the validation loop
+    inside ``fit`` always uses ``no_grad``).
+
+    Args:
+        trainer: The Trainer.
+
+    Returns:
+        ``trainer.validate_loop.inference_mode`` (True when it cannot be read).
+    """
+    return bool(getattr(getattr(trainer, "validate_loop", None), "inference_mode", True))

@@ -7,6 +7,7 @@ import copy
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Union
 
@@ -20,6 +21,7 @@ from typing_extensions import override
 
 from lightning_evalguard import arguments
 from lightning_evalguard import guards as guard_checks
+from lightning_evalguard._lightning import uses_inference_mode
 from lightning_evalguard.clean_pass import ForwardFn, checked_forward, default_forward, prepare_batch, run_pass
 from lightning_evalguard.data import CleanSource, SourceOptions, batch_nbytes, build_sources, validation_transform
 from lightning_evalguard.errors import EvalGuardError, EvalGuardWarning
@@ -28,6 +30,7 @@ from lightning_evalguard.isolation import (
     eval_mode,
     isolated_rng,
     preserved_buffers,
+    preserved_generator,
     swapped_attribute,
     trainer_not_training,
 )
@@ -218,6 +221,12 @@ class EvalGuard(Callback, _StandaloneCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.decompose and trainer.world_size > 1 and _has_sync_batchnorm(pl_module):
+            raise ValueError(
+                "EvalGuard(decompose=True) runs passes B and C in train mode, where SyncBatchNorm synchronises"
+                " every batch across ranks; the ranks' shards of the training set have different numbers of"
+                " batches, so that would hang. Use decompose=False, or BatchNorm without sync_batchnorm."
+            )
         # Build (and so check) the clean data before the first training step, isolated from the training RNG.
         with isolated_rng():
             sources = self._clean_sources(trainer, pl_module)
@@ -332,7 +341,11 @@ class EvalGuard(Callback, _StandaloneCallback):
                 # Dropout masks, and without augmentation they agree exactly.
                 guard_checks.reseed(self.seed)
                 with self._pass_context(trainer, pl_module, source, eval_value, flavor):
+                    watch = flavor == _CLEAN and self.guards != "off"
+                    inside = guard_checks.snapshot(trainer, pl_module) if watch else None
                     computed = self._pass_over(trainer, pl_module, source, flavor)
+                    if inside is not None:
+                        self._check_inside_pass(trainer, pl_module, source, inside)
                 values.update({(flavor, name): value for name, value in computed.items()})
         measured: dict[str, dict[str, float]] = {flavor: {} for flavor in flavors}
         if values:
@@ -362,7 +375,10 @@ class EvalGuard(Callback, _StandaloneCallback):
                 stack.enter_context(trainer_not_training(trainer))
                 if source.transform_holders:
                     stack.enter_context(swapped_attribute(source.transform_holders, self.transform_attr, eval_value))
-            stack.enter_context(torch.inference_mode())
+            # As Lightning's validation: inference mode, or no_grad with Trainer(inference_mode=False).
+            stack.enter_context(torch.inference_mode() if uses_inference_mode(trainer) else torch.no_grad())
+            if source.mechanism != "rebuilt":
+                stack.enter_context(preserved_generator(getattr(source.loader, "generator", None)))
             yield
 
     def _pass_over(
@@ -400,8 +416,9 @@ class EvalGuard(Callback, _StandaloneCallback):
 
                 def draw(seed: int, source: CleanSource = source) -> Any:
                     generator = source.generator or getattr(source.loader, "generator", None)
-                    guard_checks.reseed(seed, generator)
-                    batch = next(iter(source.loader), None)
+                    with preserved_generator(generator):
+                        guard_checks.reseed(seed, generator)
+                        batch = next(iter(source.loader), None)
                     return None if batch is None else prepare_batch(trainer, pl_module, batch)
 
                 found, batch = guard_checks.augmentation_difference(draw)
@@ -445,6 +462,26 @@ class EvalGuard(Callback, _StandaloneCallback):
                     " subset with `limit_batches=`, raise `cache_max_bytes=`, or pass cache=False."
                 )
 
+    def _check_inside_pass(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        source: CleanSource,
+        inside: guard_checks.StateSnapshot,
+    ) -> None:
+        """Before restoring anything: did something called during the pass change modes, stage or RNG?"""
+        changes = guard_checks.state_changes(inside, guard_checks.snapshot(trainer, pl_module))
+        if source.mechanism != "rebuilt":  # a user loader without its own generator draws its seed from torch's RNG
+            changes = [change for change in changes if change != "torch CPU RNG state"]
+        if changes:
+            self._guard_failed(
+                "inside",
+                f"EvalGuard's clean pass after epoch {trainer.current_epoch} was not clean: during it, "
+                + "; ".join(changes)
+                + " changed. Something called during the pass (on_before_batch_transfer, transfer_batch_to_device,"
+                " on_after_batch_transfer, the forward, the dataset) switched a module's mode or drew random numbers.",
+            )
+
     def _write_tensorboard_layout(self, trainer: pl.Trainer, sources: list[CleanSource]) -> None:
         """Give every attached TensorBoardLogger a custom-scalars dashboard of EvalGuard's curves (rank zero only)."""
         if not trainer.is_global_zero:
@@ -482,7 +519,8 @@ class EvalGuard(Callback, _StandaloneCallback):
     ) -> Any:
         if self.eval_transform != "val" or not any(source.transform_holders for source in sources):
             return self.eval_transform
-        return validation_transform(trainer, pl_module, self.transform_attr)
+        training = [holder for source in sources for holder in source.transform_holders]
+        return validation_transform(trainer, pl_module, self.transform_attr, training_holders=training)
 
     # ---------------------------------------------------------- clean sources
 
@@ -535,9 +573,12 @@ class EvalGuard(Callback, _StandaloneCallback):
         if trainer.world_size > 1:
             pass_seconds = float(trainer.strategy.broadcast(pass_seconds, src=0))  # the same value on every rank
         groups["time"] = {"pass_seconds": pass_seconds}
-        for group, values in groups.items():
-            for name, value in values.items():
-                pl_module.log(join_key(self.prefix, group, name), value, on_step=False, on_epoch=True)
+        with warnings.catch_warnings():
+            # Lightning advises sync_dist=True for epoch-level values under DDP; these are the same on every rank.
+            warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+            for group, values in groups.items():
+                for name, value in values.items():
+                    pl_module.log(join_key(self.prefix, group, name), value, on_step=False, on_epoch=True)
         entry: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         entry.update({"clean": dict(clean), "running": running, "gap": gap, "validation": validation})
         entry.update({group: values for group, values in groups.items() if group not in entry})
@@ -563,6 +604,10 @@ class EvalGuard(Callback, _StandaloneCallback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message, category=EvalGuardWarning)
+
+
+def _has_sync_batchnorm(module: torch.nn.Module) -> bool:
+    return any(isinstance(submodule, torch.nn.SyncBatchNorm) for submodule in module.modules())
 
 
 def _length(source: CleanSource) -> int | None:

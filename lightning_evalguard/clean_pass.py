@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from torchmetrics import MetricCollection
@@ -33,7 +33,14 @@ def default_forward(pl_module: pl.LightningModule, batch: Any) -> tuple[Any, Any
         TypeError: If the batch is not a tuple or list of at least two items.
     """
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return pl_module(batch[0]), batch[1]
+        preds = pl_module(batch[0])
+        if isinstance(preds, (Mapping, tuple, list)):
+            raise TypeError(
+                f"EvalGuard's default forward passes module(inputs) to the metrics, but the module returned a"
+                f" {type(preds).__name__}, not a tensor. Pass `forward=` to EvalGuard, e.g."
+                " forward=lambda module, batch: (module(batch[0])['logits'], batch[1])."
+            )
+        return preds, batch[1]
     described = f"a {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
     raise TypeError(
         f"EvalGuard's default forward expects batches that are (inputs, target, ...) tuples or lists, got {described}."

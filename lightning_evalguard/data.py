@@ -13,9 +13,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    WeightedRandomSampler,
+)
 
-from lightning_evalguard._lightning import user_overrides
+from lightning_evalguard._lightning import unwrap_distributed_sampler, user_overrides
 from lightning_evalguard.isolation import find_attribute_holders
 
 if TYPE_CHECKING:
@@ -30,6 +39,7 @@ __all__ = [
     "IndexSampler",
     "MergedLastBatchSampler",
     "fixed_subset",
+    "sampled_indices",
     "named_loaders",
     "pads_samples",
     "rebuild_loader",
@@ -281,7 +291,11 @@ def resolve_batch_size(train_loader: Any, batch_size: int | None) -> int:
 
 
 def fixed_subset(
-    num_samples: int, limit_batches: int | float | None, batch_size: int, seed: int, stored: Sequence[int] | None
+    universe: int | Sequence[int],
+    limit_batches: int | float | None,
+    batch_size: int,
+    seed: int,
+    stored: Sequence[int] | None,
 ) -> list[int] | None:
     """The fixed random subset of dataset indices that ``limit_batches`` selects, the same at every call.
 
@@ -289,15 +303,17 @@ def fixed_subset(
     and a resumed run draws it again; a subset restored from a checkpoint (``stored``) is reused when it still fits.
 
     Args:
-        num_samples: The dataset's length.
+        universe: The dataset indices the training loader reads (an int ``n`` for ``range(n)``).
         limit_batches: A fraction of samples (float), a number of batches (int), or None for all.
         batch_size: The clean-pass batch size, for an int ``limit_batches``.
         seed: The seed of the draw.
         stored: A subset restored from a checkpoint, or None.
 
     Returns:
-        Sorted indices, or None when the whole dataset is evaluated.
+        Sorted dataset indices, or None when the whole universe is evaluated.
     """
+    candidates = range(universe) if isinstance(universe, int) else universe
+    num_samples = len(candidates)
     if limit_batches is None:
         return None
     if isinstance(limit_batches, float):
@@ -306,10 +322,36 @@ def fixed_subset(
         size = min(num_samples, limit_batches * batch_size)
     if size >= num_samples:
         return None
-    if stored is not None and len(stored) == size and all(0 <= index < num_samples for index in stored):
+    allowed = set(candidates)
+    if stored is not None and len(stored) == size and all(index in allowed for index in stored):
         return list(stored)
     generator = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(num_samples, generator=generator)[:size].tolist())
+    return sorted(candidates[position] for position in torch.randperm(num_samples, generator=generator)[:size].tolist())
+
+
+def sampled_indices(train_loader: DataLoader[Any]) -> tuple[list[int] | None, bool]:
+    """The dataset indices the training loader's sampler draws from.
+
+    ``SequentialSampler``, ``RandomSampler``, ``WeightedRandomSampler`` and the ``DistributedSampler`` Lightning
+    injects read the whole dataset; a sampler with an ``indices`` attribute (``SubsetRandomSampler``) reads those;
+    Lightning's ``DistributedSamplerWrapper`` is looked through.
+
+    Args:
+        train_loader: The training DataLoader.
+
+    Returns:
+        ``(sorted indices or None for the whole dataset, whether the sampler was of a kind not recognised)``.
+    """
+    sampler: Any = train_loader.sampler
+    batch_sampler = train_loader.batch_sampler
+    if batch_sampler is not None and not isinstance(batch_sampler, BatchSampler):
+        sampler = getattr(batch_sampler, "sampler", None)
+    sampler = unwrap_distributed_sampler(sampler)
+    indices = getattr(sampler, "indices", None)
+    if indices is not None:
+        return sorted({int(index) for index in indices}), False
+    whole = (SequentialSampler, RandomSampler, WeightedRandomSampler, DistributedSampler)
+    return None, not isinstance(sampler, whole)
 
 
 def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
@@ -398,7 +440,9 @@ def transform_holders(train_loader: DataLoader[Any], attr: str) -> list[Any]:
     return find_attribute_holders(train_loader.dataset, attr)
 
 
-def validation_transform(trainer: pl.Trainer, pl_module: pl.LightningModule, attr: str) -> Any:
+def validation_transform(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, attr: str, training_holders: Sequence[Any] = ()
+) -> Any:
     """The transform of the validation dataset, for ``eval_transform="val"``.
 
     The validation loaders the Trainer has loaded come first; before validation has run they are asked from the
@@ -408,12 +452,14 @@ def validation_transform(trainer: pl.Trainer, pl_module: pl.LightningModule, att
         trainer: The Trainer.
         pl_module: The LightningModule.
         attr: The transform attribute.
+        training_holders: The training datasets whose transform is swapped.
 
     Returns:
         The first validation dataset's value of ``attr``.
 
     Raises:
-        ValueError: If there is no validation loader, or its dataset holds no ``attr``.
+        ValueError: If there is no validation loader, its dataset holds no ``attr``, or it is the very dataset object
+            the training set reads (both ``Subset`` of one dataset), whose transform is the training one.
     """
     loaders = trainer.val_dataloaders
     if loaders is None:
@@ -429,6 +475,12 @@ def validation_transform(trainer: pl.Trainer, pl_module: pl.LightningModule, att
     for _, loader in named_loaders(loaders):
         holders = find_attribute_holders(getattr(loader, "dataset", None), attr)
         if holders:
+            if any(holders[0] is holder for holder in training_holders):
+                raise ValueError(
+                    f"EvalGuard(eval_transform='val'): the validation and training sets read the same"
+                    f" {type(holders[0]).__name__} object (e.g. two Subsets of one dataset), so its {attr!r} is the"
+                    " training transform. Pass the clean transform itself: eval_transform=<callable>."
+                )
             return getattr(holders[0], attr)
     raise ValueError(
         f"EvalGuard(eval_transform='val') found no attribute {attr!r} on the validation dataset (looked through"
@@ -558,18 +610,35 @@ def _rebuilt_source(
                 " Pass `dataloader=` to EvalGuard, define `clean_train_dataloader()` on your LightningDataModule"
                 " or LightningModule, or pass an int `limit_batches=` (a number of batches to evaluate)."
             )
+        if trainer.world_size > 1:
+            warn(
+                f"iterable-ddp:{name}",
+                f"The dataset of {where} is an IterableDataset: under DDP every rank evaluates the first"
+                f" {options.limit_batches} batches of its own stream, and they are the same samples on every rank"
+                " unless the dataset shards itself by rank (torch.utils.data.get_worker_info and the rank). Counts"
+                " then multiply by the number of ranks; pass `dataloader=` with a sharded loader to avoid it.",
+            )
         loader = rebuild_loader(train_loader, None, batch_size, generator)
         return CleanSource(name, loader, "rebuilt", options.limit_batches, holders, generator, cache=cache)
     num_samples = len(train_loader.dataset)  # type: ignore[arg-type]
     if num_samples == 0:
         warn(f"empty:{name}", f"The dataset of {where} is empty: EvalGuard logs nothing for it.")
+    universe, unknown = sampled_indices(train_loader)
+    if unknown:
+        warn(
+            f"sampler:{name}",
+            f"The sampler of {where} is a {type(train_loader.sampler).__name__}, which EvalGuard does not know: the"
+            " clean pass evaluates every sample of its dataset. If the sampler reads only part of it, pass"
+            " `dataloader=` with a clean loader over that part.",
+        )
     key = name or ""
-    subset = fixed_subset(num_samples, options.limit_batches, batch_size, options.seed, subsets.get(key))
+    candidates = universe if universe is not None else range(num_samples)
+    subset = fixed_subset(candidates, options.limit_batches, batch_size, options.seed, subsets.get(key))
     if subset is None:
         subsets.pop(key, None)
     else:
         subsets[key] = subset
-    indices = subset if subset is not None else range(num_samples)
+    indices = subset if subset is not None else candidates
     sampler_kwargs = trainer.distributed_sampler_kwargs or {}
     local = shard(indices, int(sampler_kwargs.get("rank", 0)), int(sampler_kwargs.get("num_replicas", 1)))
     # Persistent workers would keep the eval transform for pass C too: only without decomposition.

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "broadcast_buffers",
+    "preserved_generator",
     "eval_mode",
     "find_attribute_holders",
     "isolated_rng",
@@ -107,6 +108,26 @@ def preserved_buffers(module: nn.Module) -> Iterator[None]:
                 buffer.copy_(values)
 
 
+@contextmanager
+def preserved_generator(generator: torch.Generator | None) -> Iterator[None]:
+    """Save a ``torch.Generator``'s state (a user loader's own) and put it back on exit; no-op for None.
+
+    Args:
+        generator: The generator, or None.
+
+    Yields:
+        None.
+    """
+    if not isinstance(generator, torch.Generator):
+        yield
+        return
+    state = generator.get_state()
+    try:
+        yield
+    finally:
+        generator.set_state(state)
+
+
 def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s buffers into every rank's module (no-op without an initialised process group).
 
@@ -122,9 +143,17 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
         return
     if torch.distributed.get_world_size() < 2:
         return
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for buffer in module.buffers():
+        groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
     with torch.no_grad():
-        for buffer in module.buffers():
-            torch.distributed.broadcast(buffer, src=src)
+        for buffers in groups.values():  # one collective per dtype and device, not one per buffer
+            flat = torch.cat([buffer.reshape(-1) for buffer in buffers])
+            torch.distributed.broadcast(flat, src=src)
+            offset = 0
+            for buffer in buffers:
+                buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
+                offset += buffer.numel()
 
 
 @contextmanager

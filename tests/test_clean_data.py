@@ -463,3 +463,75 @@ def test_without_user_batch_hooks_batches_take_the_direct_path(tmp_path, monkeyp
     assert calls == []  # no hook overridden: move_data_to_device directly
     fit(tmp_path, guard, HookedModule(), train_dataloaders=loader(TensorData(x, y)))
     assert len(calls) == 4  # hooks overridden: Lightning's dispatch, every batch
+
+
+def test_a_subset_sampler_restricts_the_clean_pass_to_its_indices(tmp_path):
+    x, y = make_tensors(100)
+    train_indices = list(range(0, 100, 3))  # 34 samples; the others are held out
+    train = DataLoader(IndexData(x, y), batch_size=8, sampler=torch.utils.data.SubsetRandomSampler(train_indices))
+    guard = EvalGuard({"seen": SeenIndices()}, forward=index_forward)
+    fit(tmp_path, guard, train_dataloaders=train)
+    assert [i for i in recorder_of(guard).indices if i] == [train_indices]
+
+    subset_guard = EvalGuard({"seen": SeenIndices()}, forward=index_forward, limit_batches=0.5)
+    fit(tmp_path, subset_guard, train_dataloaders=train)
+    (seen,) = [i for i in recorder_of(subset_guard).indices if i]
+    assert len(seen) == 17 and set(seen) <= set(train_indices)
+
+
+def test_an_unknown_sampler_is_warned_about(tmp_path):
+    x, y = make_tensors(24)
+
+    class EveryOther(torch.utils.data.Sampler[int]):
+        def __iter__(self) -> Any:
+            return iter(range(0, 24, 2))
+
+        def __len__(self) -> int:
+            return 12
+
+    train = DataLoader(TensorData(x, y), batch_size=6, sampler=EveryOther())
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)})
+    with pytest.warns(UserWarning, match=r"sampler of the training loader is a EveryOther, which EvalGuard does not know"):
+        fit(tmp_path, guard, train_dataloaders=train)
+
+
+def test_default_forward_names_forward_when_the_module_returns_a_dict(tmp_path):
+    x, y = make_tensors(16)
+
+    class DictOut(Classifier):
+        def forward(self, x: torch.Tensor) -> Any:
+            return {"logits": super().forward(x)}
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return nn.functional.cross_entropy(self(batch[0])["logits"], batch[1])
+
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)})
+    with pytest.raises(TypeError, match=r"the module returned a dict, not a tensor. Pass `forward=`"):
+        fit(tmp_path, guard, DictOut("linear"), train_dataloaders=loader(TensorData(x, y)))
+
+
+def test_eval_transform_val_refuses_a_validation_set_sharing_the_training_dataset(tmp_path):
+    x, y = make_tensors(40)
+    full = TensorData(x, y, Tag(100.0))
+    train, val = Subset(full, list(range(30))), Subset(full, list(range(30, 40)))
+
+    class WithValidation(Classifier):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            pass
+
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, eval_transform="val")
+    pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[guard], num_sanity_val_steps=1)
+    with pytest.raises(ValueError, match=r"validation and training sets read the same TensorData object"):
+        pl_trainer.fit(WithValidation("linear"), loader(train), loader(val, shuffle=False))
+
+
+@pytest.mark.filterwarnings("ignore::lightning_evalguard.EvalGuardWarning")  # a shuffling clean loader: guards warn
+def test_a_user_loader_generator_is_left_as_it_was(tmp_path):
+    x, y = make_tensors(24)
+    generator = torch.Generator().manual_seed(11)
+    state = generator.get_state()
+    clean = DataLoader(TensorData(x, y), batch_size=8, shuffle=True, generator=generator)
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, dataloader=clean, guards="warn")
+    fit(tmp_path, guard, max_epochs=2, train_dataloaders=loader(TensorData(x, y)))
+    assert len(guard.history) == 2
+    assert torch.equal(generator.get_state(), state)

@@ -146,3 +146,13 @@ def test_a_user_clean_loader_with_a_padding_sampler_is_warned_about_under_ddp(tm
         warnings.simplefilter("error", EvalGuardWarning)
         with pytest.raises(Exception, match=r"pads the ranks with repeated samples.*UnrepeatedDistributedSampler"):
             pl_trainer.fit(Classifier("linear"), loader(data, batch_size=11))
+
+
+def test_decompose_with_sync_batchnorm_under_ddp_is_refused_before_training():
+    # SyncBatchNorm runs on GPUs only, so the check is exercised with a stand-in two-rank trainer
+    from unittest.mock import Mock
+
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, decompose=True)
+    model = nn.Sequential(nn.Linear(3, 3), nn.SyncBatchNorm(3))
+    with pytest.raises(ValueError, match=r"SyncBatchNorm synchronises\s+every batch across ranks"):
+        guard.on_train_start(Mock(world_size=2), model)  # type: ignore[arg-type]

@@ -62,9 +62,12 @@ def test_batch_level_augmentation_not_gated_on_trainer_training_raises(tmp_path)
 def test_augmentation_guard_only_warns_with_guards_warn_and_training_goes_on(tmp_path):
     x, y = make_tensors(32)
     guard = EvalGuard({"acc": acc()}, guards="warn")
-    with pytest.warns(EvalGuardWarning, match="augmentation is still on") as record:
+    with pytest.warns(EvalGuardWarning) as record:
         trainer(tmp_path, max_epochs=2, callbacks=[guard]).fit(Classifier("linear"), loader(TensorData(x, y, NumpyNoise())))
-    assert sum("augmentation is still on" in str(w.message) for w in record) == 1
+    messages = [str(w.message) for w in record if issubclass(w.category, EvalGuardWarning)]
+    assert sum("augmentation is still on" in message for message in messages) == 1
+    # the dataset's numpy noise also drew random numbers during each pass: said once too
+    assert sum("during it, numpy RNG state changed" in message for message in messages) == 1
     assert len(guard.history) == 2
 
 
@@ -106,8 +109,11 @@ class InlineNoise(Classifier):
 def test_inline_randomness_names_the_module_whose_forward_has_it(tmp_path):
     x, y = make_tensors(32)
     guard = EvalGuard({"acc": acc()}, guards="warn")
-    with pytest.warns(EvalGuardWarning, match=r"forward of the LightningModule itself \(InlineNoise.forward\)"):
+    with pytest.warns(EvalGuardWarning) as record:
         trainer(tmp_path, max_epochs=1, callbacks=[guard]).fit(InlineNoise("linear"), loader(TensorData(x, y)))
+    messages = " | ".join(str(w.message) for w in record)
+    assert "forward of the LightningModule itself (InlineNoise.forward)" in messages
+    assert "during it, torch CPU RNG state changed" in messages  # and each pass drew random numbers
     assert len(guard.history) == 1
 
 
@@ -138,6 +144,31 @@ def test_guard_after_the_pass_reports_what_was_not_put_back(tmp_path, monkeypatc
     guard = EvalGuard({"acc": acc()})
     with pytest.raises(EvalGuardError, match=r"after epoch 0 did not leave the run as it found it: module '\(root\)' training flag True -> False"):
         trainer(tmp_path, max_epochs=2, callbacks=[BreakRestore(), guard]).fit(Classifier("linear"), loader(TensorData(x, y)))
+
+
+class TrainsDuringPass(Classifier):
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if not self.trainer.training and self.current_epoch == 1:
+            self.train()  # a hook that switches the model back to train mode during the pass
+        return batch
+
+
+class DrawsDuringPass(Classifier):
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if not self.trainer.training and self.current_epoch == 1:
+            torch.rand(1)  # something random during the pass
+        return batch
+
+
+@pytest.mark.parametrize(
+    ("model", "change"),
+    [(TrainsDuringPass, r"module '\(root\)' training flag False -> True"), (DrawsDuringPass, r"torch CPU RNG state")],
+)
+def test_a_hook_that_changes_modes_or_draws_during_the_pass_is_caught(tmp_path, model, change):
+    x, y = make_tensors(32)
+    guard = EvalGuard({"acc": acc()})
+    with pytest.raises(EvalGuardError, match=rf"clean pass after epoch 1 was not clean: during it, {change}"):
+        trainer(tmp_path, max_epochs=2, callbacks=[guard]).fit(model("dropout"), loader(TensorData(x, y)))
 
 
 def test_guard_checks_are_isolated_from_the_training_rng(tmp_path):

@@ -51,3 +51,21 @@ def test_result_collection_still_exposes_how_each_key_was_logged(tmp_path):
     assert seen["step_only"].on_epoch is False and seen["step_only"].on_step is True
     assert seen["epoch_too"].on_epoch is True
     assert seen["train_acc"].on_epoch is True and seen["train_acc"].fx == "training_step"
+
+
+def test_distributed_sampler_wrapper_still_holds_the_users_sampler():
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    from lightning_evalguard._lightning import unwrap_distributed_sampler
+
+    inner = torch.utils.data.SubsetRandomSampler([3, 1, 2])
+    wrapper = DistributedSamplerWrapper(inner, num_replicas=2, rank=0, shuffle=False)
+    assert unwrap_distributed_sampler(wrapper) is inner
+    assert unwrap_distributed_sampler(inner) is inner
+
+
+def test_trainer_still_keeps_its_inference_mode_argument_on_the_validate_loop(tmp_path):
+    from lightning_evalguard._lightning import uses_inference_mode
+
+    assert uses_inference_mode(trainer(tmp_path)) is True
+    assert uses_inference_mode(trainer(tmp_path, inference_mode=False)) is False

@@ -239,3 +239,30 @@ def test_exception_in_the_pass_restores_state_and_propagates_with_a_note(tmp_pat
     assert same_rng(seen["rng"], seen["rng_before"])
     assert seen["stage"] == seen["stage_before"]
     assert seen["transform"] is noise
+
+
+class LazyCache(Classifier):
+    """Grows a cache tensor in its forward (like a rotary-embedding cache) and reuses it in training steps."""
+
+    def __init__(self) -> None:
+        super().__init__("linear")
+        self.cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache is None or self.cache.shape[0] < x.shape[0]:
+            self.cache = torch.ones(x.shape[0] * 2, 1)
+        return super().forward(x) * self.cache[: x.shape[0]]
+
+
+def test_trainer_inference_mode_false_runs_the_pass_under_no_grad(tmp_path):
+    x, y = make_tensors(40)
+    grad_modes: list[tuple[bool, bool]] = []
+
+    def forward(module: pl.LightningModule, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        grad_modes.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+        return module(batch[0]), batch[1]
+
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, forward=forward, guards="off", batch_size=64)
+    pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=[guard], inference_mode=False)
+    pl_trainer.fit(LazyCache(), loader(TensorData(x, y)))  # a cache made in inference mode would break training
+    assert grad_modes and set(grad_modes) == {(False, False)}
