@@ -79,7 +79,10 @@ def reseed(seed: int, generator: torch.Generator | None = None) -> None:
 
 
 def difference(first: Any, second: Any, where: str = "batch") -> str | None:
-    """Describe the first place where two nested structures differ, or return None when they are identical.
+    """Describe the first place where two nested structures differ, or return None when they are the same.
+
+    Floating-point tensors within a relative 1e-5 (absolute 1e-6) of each other count as the same: nondeterministic
+    kernels differ in the last bits, randomness does not stay that close.
 
     Args:
         first: A batch or output (tensors in tuples, lists, dicts, or other comparable objects).
@@ -98,6 +101,9 @@ def difference(first: Any, second: Any, where: str = "batch") -> str | None:
         if torch.equal(first, second):
             return None
         if first.is_floating_point() or first.is_complex():
+            # Last-bit differences from nondeterministic kernels (GPU atomics) are not randomness: tolerate them.
+            if torch.allclose(first, second, rtol=1e-5, atol=1e-6, equal_nan=True):
+                return None
             gap = (first.double() - second.double()).abs().max().item()
             return f"{where} differs (max abs difference {gap:.3g})"
         return f"{where} differs"

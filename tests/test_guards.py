@@ -194,3 +194,9 @@ def test_stochastic_module_is_none_for_a_deterministic_eval_model():
     assert stochastic_module(model, lambda: model(x)) is None
     model.train()
     assert stochastic_module(model, lambda: model(x)) == "1"
+
+
+def test_last_bit_differences_are_not_taken_for_randomness():
+    a = torch.linspace(0, 1, 10)
+    assert difference(a, a * (1 + 1e-7)) is None
+    assert difference(a, a + 1e-2) is not None
