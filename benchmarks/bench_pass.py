@@ -9,11 +9,17 @@ and the same batch size everywhere:
     val-loop  Lightning's validation loop over the same clean loader (trainer.validate, the loop's run() timed)
     epoch     one training epoch without the callback (trainer.fit(max_epochs=1), the fit loop's run() timed)
 
-Within each repeat the cases run one after the other (minimal, pass, pass25, val-loop, epoch, minimal, ...); the
-table shows medians over the repeats and the medians of the per-repeat ratios. Peak memory is measured afterwards,
-for each model and worker count in a fresh spawned process that trains one epoch with EvalGuard.
+With num_workers > 0, pass-pw and pass25-pw repeat pass and pass25 with persistent_workers=True on the training
+loader. Within each repeat the cases run one after the other (minimal, pass, pass25, val-loop, epoch, minimal, ...);
+the table shows medians over the repeats and the medians of the per-repeat ratios.
 
-    python benchmarks/bench_pass.py                 # CPU, about 4 minutes on 2 cores
+The cache section uses a second dataset whose __getitem__ does real CPU work (zlib-compressed 3x192x192 images,
+decoded, smoothed and resized to 3x32x32: about 2.4 ms per sample) and times Lightning's validation loop over it,
+EvalGuard's pass without the cache, and with cache=True its first pass (which fills the cache) and its second (read
+from the cache). Peak memory is measured afterwards, for each model and worker count in a fresh spawned process that
+trains one epoch with EvalGuard.
+
+    python benchmarks/bench_pass.py                 # CPU, about 6 minutes on 2 cores
     python benchmarks/bench_pass.py --quick         # smoke run, small sizes
     python benchmarks/bench_pass.py --device cuda   # on a GPU
 """
@@ -32,15 +38,18 @@ import sys
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import lightning
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torchmetrics
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
@@ -53,6 +62,10 @@ IMAGE_SHAPE = (3, 32, 32)
 DATA_SEED = 0
 LIMIT_FRACTION = 0.25
 CASES = ("minimal", "pass", "pass25", "val-loop", "epoch")
+PERSISTENT_CASES = ("pass-pw", "pass25-pw")  # workers > 0 only: the training loader has persistent_workers=True
+CACHE_CASES = ("val-loop", "pass", "first", "cached")
+HEAVY_SIZE = 192  # the stored (compressed) images are 3 x HEAVY_SIZE x HEAVY_SIZE uint8, decoded to IMAGE_SHAPE
+CACHE_TARGET = 0.5
 MIB = 1024 * 1024
 
 
@@ -70,16 +83,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds of every case before the repeats")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable CPU cores)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    parser.add_argument("--no-persistent", action="store_true", help="skip the persistent_workers=True rows")
+    parser.add_argument("--no-cache", action="store_true", help="skip the cache=True section (decoding dataset)")
+    parser.add_argument("--cache-samples", type=int, default=2000, help="size of the decoding dataset")
+    parser.add_argument("--cache-repeats", type=int, default=3, help="timed repeats of the cache section")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1024 samples, 2 repeats, no warm-up")
     args = parser.parse_args(argv)
     if args.quick:
         args.samples, args.repeats, args.warmup = 1024, 2, 0
+        args.cache_samples, args.cache_repeats = 300, 2
     if args.threads is None:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False on this machine.")
-    if min(args.workers) < 0 or args.samples < 1 or args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
+    if min(args.workers) < 0 or min(args.samples, args.batch_size, args.repeats) < 1 or args.warmup < 0:
         parser.error("--workers must be >= 0; --samples, --batch-size and --repeats >= 1; --warmup >= 0.")
+    if min(args.cache_samples, args.cache_repeats) < 1:
+        parser.error("--cache-samples and --cache-repeats must be >= 1.")
     return args
 
 
@@ -120,6 +140,54 @@ def make_dataset(samples: int) -> SyntheticImages:
     projection = torch.randn(images[0].numel(), NUM_CLASSES, generator=generator)
     labels = (images.flatten(1) @ projection).argmax(dim=1)
     return SyntheticImages(images, labels)
+
+
+class DecodingImages(Dataset):
+    """Images stored compressed, decoded and resized in ``__getitem__``: CPU work like JPEG decoding and resizing.
+
+    Each sample is a 3 x 192 x 192 uint8 image compressed with zlib (about 100 KB). ``__getitem__`` decompresses it,
+    converts it to float, smooths it with three depthwise 3x3 convolutions, resizes it to 3x32x32 with an
+    antialiased bilinear filter and normalises it: deterministic, about 2.4 ms per sample on the 2-core VM of
+    ``results-cpu.txt``, the order of decoding a JPEG of that size and resizing it. ``transform`` is None: the work
+    is the loading itself.
+    """
+
+    def __init__(self, blobs: list[bytes], labels: torch.Tensor) -> None:
+        self.blobs, self.labels = blobs, labels
+        self.transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.kernel = (torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16).expand(3, 1, 3, 3)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = np.frombuffer(zlib.decompress(self.blobs[index]), dtype=np.uint8).reshape(3, HEAVY_SIZE, HEAVY_SIZE)
+        image = torch.from_numpy(pixels.copy()).float().div_(255).unsqueeze(0)
+        for _ in range(3):
+            image = F.conv2d(F.pad(image, (1, 1, 1, 1), mode="reflect"), self.kernel, groups=3)
+        image = F.interpolate(image, size=IMAGE_SHAPE[1:], mode="bilinear", antialias=True, align_corners=False)
+        image = (image[0] - 0.5) / 0.25
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[index]
+
+
+def make_decoding_dataset(samples: int) -> DecodingImages:
+    """Smooth random images (bicubic upsampling of 8x8 noise, plus a little pixel noise), compressed once.
+
+    Labelled by a fixed random linear map of the 8x8 seed images, so the task is learnable; from ``DATA_SEED``.
+    """
+    generator = torch.Generator().manual_seed(DATA_SEED)
+    seeds = torch.rand(samples, 3, 8, 8, generator=generator)
+    projection = torch.randn(seeds[0].numel(), NUM_CLASSES, generator=generator)
+    labels = ((seeds.flatten(1) - 0.5) @ projection).argmax(dim=1)
+    blobs: list[bytes] = []
+    for start in range(0, samples, 256):
+        chunk = F.interpolate(seeds[start : start + 256], size=(HEAVY_SIZE, HEAVY_SIZE), mode="bicubic")
+        chunk = chunk + 0.02 * torch.randn(chunk.shape, generator=generator)
+        pixels = (chunk.clamp(0, 1) * 255).to(torch.uint8).numpy()
+        blobs += [zlib.compress(image.tobytes(), 1) for image in pixels]
+    return DecodingImages(blobs, labels)
 
 
 class FirstIndices(Sampler[int]):
@@ -299,21 +367,44 @@ def time_minimal(model: Classifier, loader: DataLoader, metric: MulticlassAccura
     return time.perf_counter() - start
 
 
-def time_pass(
-    model: Classifier, dataset: Dataset, args: argparse.Namespace, workers: int, limit: float | None
-) -> float:
-    """(b) EvalGuard's pass after the second of two short epochs (two training batches each, so that the training
-    loader's workers have finished before the pass starts); the pass reads the whole dataset (or ``limit``)."""
+def fit_with_guard(
+    model: Classifier,
+    dataset: Dataset,
+    args: argparse.Namespace,
+    workers: int,
+    *,
+    limit: float | None = None,
+    cache: bool = False,
+    persistent: bool = False,
+    train_batches: int = 2,
+) -> TimedEvalGuard:
+    """Two short epochs (``train_batches`` training batches each) with EvalGuard; its passes read the dataset."""
     train_loader = DataLoader(
         dataset,
         batch_size=args.batch_size,
-        sampler=FirstIndices(min(len(dataset), 2 * args.batch_size)),  # type: ignore[arg-type]
+        sampler=FirstIndices(min(len(dataset), train_batches * args.batch_size)),  # type: ignore[arg-type]
         num_workers=workers,
+        persistent_workers=persistent,
     )
-    guard = TimedEvalGuard({"acc": new_metric()}, limit_batches=limit, device=args.device, **guard_options())
+    guard = TimedEvalGuard(
+        {"acc": new_metric()}, limit_batches=limit, cache=cache, device=args.device, **guard_options()
+    )
     trainer = make_trainer(args.device, max_epochs=2, callbacks=[guard])
     trainer.fit(model, train_dataloaders=train_loader)
-    return guard.seconds[-1]
+    return guard
+
+
+def time_pass(
+    model: Classifier,
+    dataset: Dataset,
+    args: argparse.Namespace,
+    workers: int,
+    limit: float | None,
+    persistent: bool = False,
+) -> float:
+    """(b) EvalGuard's pass after the second of two short epochs (two training batches each, so that the training
+    loader's workers have finished before the pass starts); the pass reads the whole dataset (or ``limit``)."""
+    return fit_with_guard(model, dataset, args, workers, limit=limit, persistent=persistent).seconds[-1]
 
 
 def time_validation_loop(model: Classifier, loader: DataLoader, device: str) -> float:
@@ -358,16 +449,57 @@ def run_timings(kind: str, workers: int, dataset: Dataset, args: argparse.Namesp
                 times[case] = time_validation_loop(model, loader, args.device)
             else:
                 times[case] = time_epoch(model, dataset, args, workers)
+        if workers > 0 and not args.no_persistent:
+            gc.collect()
+            times["pass-pw"] = time_pass(model, dataset, args, workers, None, persistent=True)
+            gc.collect()
+            times["pass25-pw"] = time_pass(model, dataset, args, workers, LIMIT_FRACTION, persistent=True)
         return times
 
     for _ in range(args.warmup):
         one_round()
-    samples: dict[str, list[float]] = {case: [] for case in CASES}
+    samples: dict[str, list[float]] = {}
     for repeat in range(args.repeats):
         print(f"  [{kind}, workers={workers}] repeat {repeat + 1}/{args.repeats}", file=sys.stderr, flush=True)
         for case, seconds in one_round().items():
-            samples[case].append(seconds)
+            samples.setdefault(case, []).append(seconds)
     return samples
+
+
+def run_cache_timings(
+    kind: str, workers: int, dataset: DecodingImages, args: argparse.Namespace
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """The cache section over the decoding dataset, cases interleaved within each repeat (no warm-up round: the main
+    section ran before it, and one round costs four decoding passes):
+
+    val-loop  Lightning's validation loop over a sequential loader on the dataset
+    pass      EvalGuard(cache=False): the pass after the second epoch (reads and decodes everything)
+    first     EvalGuard(cache=True): the pass after the first epoch, which reads, decodes and fills the cache
+    cached    EvalGuard(cache=True): the pass after the second epoch, read from the full cache (steady state)
+
+    The training epochs read one batch each (not timed).
+    """
+    torch.manual_seed(0)
+    model = Classifier(kind)
+    loader = clean_loader(dataset, args.batch_size, workers)
+    samples: dict[str, list[float]] = {case: [] for case in CACHE_CASES}
+    cache_info: dict[str, int] = {}
+    for repeat in range(args.cache_repeats):
+        print(f"  [cache: {kind}, workers={workers}] repeat {repeat + 1}/{args.cache_repeats}", file=sys.stderr)
+        gc.collect()
+        samples["val-loop"].append(time_validation_loop(model, loader, args.device))
+        gc.collect()
+        plain = fit_with_guard(model, dataset, args, workers, train_batches=1)
+        samples["pass"].append(plain.seconds[-1])
+        gc.collect()
+        cached = fit_with_guard(model, dataset, args, workers, cache=True, train_batches=1)
+        samples["first"].append(cached.seconds[0])
+        samples["cached"].append(cached.seconds[-1])
+        caches = [source.cache for source in cached._sources or [] if source.cache is not None]
+        if not caches or caches[0].batches is None:
+            raise RuntimeError("EvalGuard(cache=True) did not fill its cache: the cached case would not be one.")
+        cache_info = {"nbytes": caches[0].nbytes, "batches": len(caches[0].batches)}
+    return samples, cache_info
 
 
 # ---------------------------------------------------------------------------------------------------- memory
@@ -578,7 +710,80 @@ def timing_report(results: dict[tuple[str, int], dict[str, list[float]]]) -> lis
             f" pass/val-loop <= 1.0 {verdict(validation <= 1.0)};"
             f" pass25/pass <= {limit_target:.2f} {verdict(limited <= limit_target)}"
         )
+    persistent = {key: samples for key, samples in results.items() if all(case in samples for case in PERSISTENT_CASES)}
+    if persistent:
+        lines += [
+            "",
+            "Persistent workers: the same pass cases with persistent_workers=True on the training loader (EvalGuard's",
+            "rebuilt loader copies it, so its workers start once per fit, at the first pass, not at every pass; the",
+            "timed pass is the second of the fit). pass-pw/pass: against the non-persistent pass of the same repeat.",
+            f"{'model':<5} {'workers':>7}  {'pass-pw':>21}  {'pass25-pw':>21}  {'pass-pw/pass':>15}"
+            f"  {'pass25-pw/pass-pw':>17} (f={LIMIT_FRACTION})",
+        ]
+        lines.append("-" * len(lines[-1]))
+        for (kind, workers), samples in persistent.items():
+            full = paired_ratio(samples, "pass-pw", "pass")
+            limited = paired_ratio(samples, "pass25-pw", "pass-pw")
+            lines.append(
+                f"{kind:<5} {workers:>7}  {spread(samples['pass-pw']):>21}  {spread(samples['pass25-pw']):>21}"
+                f"  {full:>15.3f}  {limited:>17.3f}"
+            )
+            checks.append(
+                f"{kind:<5} workers={workers}, persistent_workers=True: pass25-pw/pass-pw <= {limit_target:.2f}"
+                f" {verdict(limited <= limit_target)}"
+            )
     return [*lines, "", "Targets (on the medians):", *checks]
+
+
+def cache_report(
+    results: dict[tuple[str, int], tuple[dict[str, list[float]], dict[str, int]]], args: argparse.Namespace
+) -> list[str]:
+    shape = "x".join(map(str, IMAGE_SHAPE))
+    lines = [
+        "",
+        f"Cache: EvalGuard(cache=True) on a decoding dataset: {args.cache_samples} images stored zlib-compressed"
+        f" (3x{HEAVY_SIZE}x{HEAVY_SIZE} uint8),",
+        f"decoded, smoothed (3 depthwise 3x3 convolutions) and resized to {shape} in __getitem__; batch size"
+        f" {args.batch_size}; {args.cache_repeats} repeats,",
+        "cases interleaved. val-loop: Lightning's validation loop over it; pass: EvalGuard(cache=False), second pass"
+        " of the fit;",
+        "first: EvalGuard(cache=True), first pass (decodes and fills the cache); cached: its second pass (from the"
+        " full cache).",
+        "Seconds: median [min-max] over the repeats",
+        f"{'model':<5} {'workers':>7}  " + "  ".join(f"{case:>21}" for case in CACHE_CASES),
+    ]
+    lines.append("-" * len(lines[-1]))
+    for (kind, workers), (samples, _) in results.items():
+        lines.append(f"{kind:<5} {workers:>7}  " + "  ".join(f"{spread(samples[case]):>21}" for case in CACHE_CASES))
+    pairs = (("cached", "val-loop"), ("pass", "val-loop"), ("first", "val-loop"), ("cached", "pass"))
+    lines += [
+        "",
+        "Ratios: median over repeats of the ratio within each repeat; in brackets min(case)/min(case)",
+        f"{'model':<5} {'workers':>7}  " + "  ".join(f"{f'{top}/{bottom}':>16}" for top, bottom in pairs),
+    ]
+    lines.append("-" * len(lines[-1]))
+    checks: list[str] = []
+    for (kind, workers), (samples, _) in results.items():
+        cells = [
+            f"{paired_ratio(samples, top, bottom):.3f} ({fastest_ratio(samples, top, bottom):.3f})"
+            for top, bottom in pairs
+        ]
+        lines.append(f"{kind:<5} {workers:>7}  " + "  ".join(f"{cell:>16}" for cell in cells))
+        ratio = paired_ratio(samples, "cached", "val-loop")
+        checks.append(
+            f"{kind:<5} workers={workers}: cached/val-loop <= {CACHE_TARGET} {verdict(ratio <= CACHE_TARGET)}"
+        )
+    info = next(iter(results.values()))[1]
+    decoded = args.cache_samples * (torch.Size(IMAGE_SHAPE).numel() * 4 + 8)
+    lines += [
+        "",
+        f"Cache memory (BatchCache.nbytes): {info['nbytes'] / MIB:.1f} MiB in {info['batches']} batches"
+        f" (the decoded dataset: {args.cache_samples} x ({shape} float32 + int64 label) = {decoded / MIB:.1f} MiB)",
+        "",
+        "Targets (on the medians):",
+        *checks,
+    ]
+    return lines
 
 
 def memory_report(memory: dict[tuple[str, int], dict[str, Any]], activations: dict[str, int], device: str) -> list[str]:
@@ -636,6 +841,14 @@ def main(argv: list[str] | None = None) -> None:
         for workers in args.workers:
             results[kind, workers] = run_timings(kind, workers, dataset, args)
     print("\n".join(timing_report(results)), flush=True)
+
+    if not args.no_cache:
+        kind = "cnn" if "cnn" in args.models else args.models[0]
+        print(f"  building the decoding dataset ({args.cache_samples} samples)", file=sys.stderr, flush=True)
+        decoding = make_decoding_dataset(args.cache_samples)
+        cache_results = {(kind, workers): run_cache_timings(kind, workers, decoding, args) for workers in args.workers}
+        print("\n".join(cache_report(cache_results, args)), flush=True)
+        del decoding
 
     if not args.no_memory:
         activations = {kind: activation_bytes(kind, args.batch_size) for kind in args.models}
