@@ -44,7 +44,7 @@ def tensorboard_server(tmp_path: Path) -> Iterator[tuple[Path, str]]:
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port),
          "--reload_interval", "1", "--load_fast", "false"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=(tmp_path / "tensorboard.log").open("w"),
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -71,6 +71,11 @@ def wait_for(condition: Any, timeout: float = 60.0) -> Any:
     raise AssertionError(f"timed out; last error: {last_error}")
 
 
+def server_log(logdir: Path) -> str:
+    log = logdir.parent / "tensorboard.log"
+    return log.read_text()[-2000:] if log.exists() else ""
+
+
 class Validates(Classifier):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
@@ -86,7 +91,10 @@ def test_tensorboard_serves_the_custom_scalars_layout_and_tags(tensorboard_serve
     pl_trainer.fit(Validates("both"), loader(TensorData(x, y, NumpyNoise())), loader(TensorData(x, y), shuffle=False))
     run = "run/version_0"
 
-    tags = wait_for(lambda: get(f"{base}/data/plugin/scalars/tags").get(run))
+    try:
+        tags = wait_for(lambda: get(f"{base}/data/plugin/scalars/tags").get(run))
+    except AssertionError as error:
+        raise AssertionError(f"{error}\nTensorBoard's own output:\n{server_log(logdir)}") from None
     assert {"evalguard/clean/acc", "evalguard/running/acc", "evalguard/gap/acc", "val_acc"} <= set(tags)
     layout = wait_for(lambda: get(f"{base}/data/plugin/custom_scalars/layout"))
     (category,) = layout["category"]
