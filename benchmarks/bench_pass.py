@@ -111,6 +111,10 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("error", category=EvalGuardWarning)
+    # The pass cases train on the first batches only (FirstIndices) and mean the pass to read the whole dataset.
+    warnings.filterwarnings(
+        "ignore", message="The sampler of the training loader is a FirstIndices", category=EvalGuardWarning
+    )
 
 
 # ---------------------------------------------------------------------------------------------- data and models
