@@ -91,11 +91,17 @@ def test_tensorboard_serves_the_custom_scalars_layout_and_tags(tensorboard_serve
     pl_trainer.fit(Validates("both"), loader(TensorData(x, y, NumpyNoise())), loader(TensorData(x, y), shuffle=False))
     run = "run/version_0"
 
+    expected = {"evalguard/clean/acc", "evalguard/running/acc", "evalguard/gap/acc", "val_acc"}
+
+    def served_tags() -> Any:  # the server reloads every second: wait until it has read the whole run
+        tags = get(f"{base}/data/plugin/scalars/tags").get(run) or {}
+        return tags if expected <= set(tags) else None
+
     try:
-        tags = wait_for(lambda: get(f"{base}/data/plugin/scalars/tags").get(run))
+        tags = wait_for(served_tags)
     except AssertionError as error:
         raise AssertionError(f"{error}\nTensorBoard's own output:\n{server_log(logdir)}") from None
-    assert {"evalguard/clean/acc", "evalguard/running/acc", "evalguard/gap/acc", "val_acc"} <= set(tags)
+    assert expected <= set(tags)
     layout = wait_for(lambda: get(f"{base}/data/plugin/custom_scalars/layout"))
     (category,) = layout["category"]
     assert category["title"] == "evalguard"
