@@ -7,7 +7,6 @@ import copy
 import math
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Union
 
@@ -573,12 +572,12 @@ class EvalGuard(Callback, _StandaloneCallback):
         if trainer.world_size > 1:
             pass_seconds = float(trainer.strategy.broadcast(pass_seconds, src=0))  # the same value on every rank
         groups["time"] = {"pass_seconds": pass_seconds}
-        with warnings.catch_warnings():
-            # Lightning advises sync_dist=True for epoch-level values under DDP; these are the same on every rank.
-            warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
-            for group, values in groups.items():
-                for name, value in values.items():
-                    pl_module.log(join_key(self.prefix, group, name), value, on_step=False, on_epoch=True)
+        # The values are already the same on every rank; under DDP sync_dist keeps them so (a mean of equal values)
+        # and spares the user Lightning's advice to use it.
+        sync = trainer.world_size > 1
+        for group, values in groups.items():
+            for name, value in values.items():
+                pl_module.log(join_key(self.prefix, group, name), value, on_step=False, on_epoch=True, sync_dist=sync)
         entry: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         entry.update({"clean": dict(clean), "running": running, "gap": gap, "validation": validation})
         entry.update({group: values for group, values in groups.items() if group not in entry})
