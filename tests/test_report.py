@@ -175,6 +175,15 @@ def test_console_script_points_at_main():
     assert project["optional-dependencies"]["plot"] == ["matplotlib>=3.7"]
 
 
+def test_the_installed_evalguard_command_runs_the_report(fitted):
+    script = Path(sys.executable).parent / "evalguard"  # installed next to the interpreter by `pip install`
+    assert script.exists(), "the evalguard console script is not installed: pip install -e ."
+    root, _ = fitted
+    result = subprocess.run([str(script), "report", str(root)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "evalguard: acc" in result.stdout
+
+
 def _a_file(path: Path) -> Path:
     path.write_text("not a log directory")
     return path
