@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -203,9 +205,10 @@ def main(argv: list[str] | None = None) -> EvalGuard:
 
     print_history(guard.history, decompose=args.decompose)
     print(f"\nTensorBoard logs: {logger.log_dir}")
-    print(
-        f"Open them with:   tensorboard --logdir {Path(args.root_dir) / 'lightning_logs'}  (then http://localhost:6006)"
-    )
+    # The interpreter running this script has tensorboard installed, also when its environment is not activated.
+    tensorboard = f"{os.path.relpath(sys.executable)} -m tensorboard.main"
+    print(f"Open them with:   {tensorboard} --logdir {Path(args.root_dir) / 'lightning_logs'}")
+    print("                  then browse http://localhost:6006 (tab Custom Scalars: running, clean and validation)")
     return guard
 
 

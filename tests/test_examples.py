@@ -36,7 +36,7 @@ def test_digits_example_logs_clean_running_and_gap_to_tensorboard(tmp_path, caps
         events.Tags()["scalars"]
     )
     out = capsys.readouterr().out
-    assert f"tensorboard --logdir {tmp_path / 'lightning_logs'}" in out
+    assert f"-m tensorboard.main --logdir {tmp_path / 'lightning_logs'}" in out
 
 
 EFFECTS = ("train_mode", "augmentation", "weight_drift")
