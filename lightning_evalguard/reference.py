@@ -74,6 +74,10 @@ class References:
         flags = logged_flags(trainer)
         values: dict[str, float] = {}
         self._read = {}
+        if not callback_metrics:
+            # Nothing at all was logged this epoch: Lightning re-running the end of an epoch after restoring a
+            # checkpoint taken at validation end. Nothing to compare with, and nothing to warn about yet.
+            return _same_on_every_rank(trainer, values)
         for name in names:
             key = next((key for key in self.running_candidates(name) if key in callback_metrics), None)
             value = float(callback_metrics[key]) if key is not None else None

@@ -232,3 +232,22 @@ def test_resuming_continues_the_history_and_two_prefixes_coexist_in_one_checkpoi
     assert [entry["epoch"] for entry in second[1].history] == [1, 3]
     assert second[0].history[:2] == first[0].history
     assert {"evalguard/clean/acc", "eg2/clean/acc"} <= set(resumed.callback_metrics)
+
+
+def test_resuming_from_a_checkpoint_taken_at_validation_end_gives_no_misleading_warning(tmp_path):
+    class Validates(Classifier):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+    # saved at validation end, before EvalGuard's on_train_epoch_end: the resumed run re-runs that hook first
+    save = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_on_train_epoch_end=False)
+    first = trainer(tmp_path, max_epochs=1, callbacks=[EvalGuard({"acc": acc()}), save], enable_checkpointing=True)
+    first.fit(Validates("linear"), data(), data())
+    guard = EvalGuard({"acc": acc()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EvalGuardWarning)
+        trainer(tmp_path, max_epochs=2, callbacks=[guard]).fit(
+            Validates("linear"), data(), data(), ckpt_path=save.best_model_path
+        )
+    assert [entry["epoch"] for entry in guard.history] == [0, 1]
+    assert guard.history[-1]["running"] and guard.history[-1]["generalization"]
