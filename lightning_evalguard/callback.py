@@ -275,14 +275,16 @@ class EvalGuard(Callback, _StandaloneCallback):
             raise
         if before is not None:
             changes = guard_checks.state_changes(before, guard_checks.snapshot(trainer, pl_module))
-            if changes:
-                self._guard_failed(
-                    "state",
-                    f"EvalGuard's clean pass after epoch {epoch} did not leave the run as it found it: "
-                    + "; ".join(changes)
-                    + ". A hook called during the pass (on_before_batch_transfer, transfer_batch_to_device,"
-                    " on_after_batch_transfer, forward) changed it.",
-                )
+            self._guard(
+                trainer,
+                "state",
+                None
+                if not changes
+                else f"EvalGuard's clean pass after epoch {epoch} did not leave the run as it found it: "
+                + "; ".join(changes)
+                + ". A hook called during the pass (on_before_batch_transfer, transfer_batch_to_device,"
+                " on_after_batch_transfer, forward) changed it.",
+            )
         if measured.get(_CLEAN):
             self._log(trainer, pl_module, measured, pass_seconds=time.perf_counter() - started)
 
@@ -409,7 +411,7 @@ class EvalGuard(Callback, _StandaloneCallback):
     def _start_guards(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sources: list[CleanSource]) -> None:
         """Before the first training step: is augmentation off, and is the model deterministic in eval mode?"""
         eval_value = self._eval_transform_value(trainer, pl_module, sources)
-        checked_model = False
+        model_batch: Any = None
         for source in sources:
             with self._pass_context(trainer, pl_module, source, eval_value, _CLEAN):
 
@@ -421,24 +423,41 @@ class EvalGuard(Callback, _StandaloneCallback):
                     return None if batch is None else prepare_batch(trainer, pl_module, batch)
 
                 found, batch = guard_checks.augmentation_difference(draw)
-                if found:
-                    where = f" of training loader {source.name!r}" if source.name else ""
-                    self._guard_failed(
-                        "augmentation",
-                        f"EvalGuard's clean pass is not clean: the first clean batch{where}, drawn twice under"
-                        f" different seeds, differs ({found}), so augmentation is still on. To switch it off: "
-                        + guard_checks.AUGMENTATION_FIXES,
-                    )
-                if not checked_model:
-                    if batch is not None:
-                        checked_model = True
+                where = f" of training loader {source.name!r}" if source.name else ""
+                self._guard(
+                    trainer,
+                    "augmentation",
+                    None
+                    if found is None
+                    else f"EvalGuard's clean pass is not clean: the first clean batch{where}, drawn twice under"
+                    f" different seeds, differs ({found}), so augmentation is still on. To switch it off: "
+                    + guard_checks.AUGMENTATION_FIXES,
+                )
+                if model_batch is None:
+                    model_batch = batch
+        culprit = None
+        # Entered on every rank (it broadcasts rank 0's buffers), also one whose shard is empty.
+        with self._pass_context(trainer, pl_module, sources[0], eval_value, _CLEAN):
+            if model_batch is not None:
 
-                        def predict(batch: Any = batch) -> Any:
-                            return checked_forward(trainer, pl_module, self.forward, batch)[0]
+                def predict() -> Any:
+                    return checked_forward(trainer, pl_module, self.forward, model_batch)[0]
 
-                        culprit = guard_checks.stochastic_module(pl_module, predict)
-                        if culprit is not None:
-                            self._guard_failed("stochastic", _stochastic_message(culprit, pl_module))
+                culprit = guard_checks.stochastic_module(pl_module, predict)
+        self._guard(trainer, "stochastic", None if culprit is None else _stochastic_message(culprit, pl_module))
+
+    def _guard(self, trainer: pl.Trainer, kind: str, message: str | None) -> None:
+        """Act on one guard's finding (None: nothing found); under DDP with guards="raise", every rank together.
+
+        A rank that raised alone would leave the others waiting in the next collective, so the decision is reduced
+        across ranks (one collective per check): if any rank found something, every rank raises.
+        """
+        if self.guards == "raise" and trainer.world_size > 1:
+            anywhere = bool(trainer.strategy.reduce_boolean_decision(message is not None, all=False))
+            if anywhere and message is None:
+                message = f"EvalGuard's {kind} guard failed on another rank (its error says what it found)."
+        if message is not None:
+            self._guard_failed(kind, message)
 
     def _check_cache_budget(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, sources: list[CleanSource]
@@ -446,13 +465,16 @@ class EvalGuard(Callback, _StandaloneCallback):
         """Refuse, before training, a cache whose batches would not fit ``cache_max_bytes``."""
         eval_value = self._eval_transform_value(trainer, pl_module, sources)
         for source in sources:
-            batches = _length(source)
-            if source.cache is None or not batches:
+            batches = _length(source) or 0
+            if source.cache is None:  # the same on every rank
                 continue
             with self._pass_context(trainer, pl_module, source, eval_value, _CLEAN):
                 first = next(iter(source.loader), None)
             estimate = batch_nbytes(first) * batches
-            if estimate > self.cache_max_bytes:
+            over = estimate > self.cache_max_bytes
+            if trainer.world_size > 1:  # every rank refuses together, or none does
+                over = bool(trainer.strategy.reduce_boolean_decision(over, all=False))
+            if over:
                 mib = 1 << 20
                 raise ValueError(
                     f"EvalGuard(cache=True) would keep about {estimate / mib:.0f} MiB of clean batches ({batches}"
@@ -472,14 +494,16 @@ class EvalGuard(Callback, _StandaloneCallback):
         changes = guard_checks.state_changes(inside, guard_checks.snapshot(trainer, pl_module))
         if source.mechanism != "rebuilt":  # a user loader without its own generator draws its seed from torch's RNG
             changes = [change for change in changes if change != "torch CPU RNG state"]
-        if changes:
-            self._guard_failed(
-                "inside",
-                f"EvalGuard's clean pass after epoch {trainer.current_epoch} was not clean: during it, "
-                + "; ".join(changes)
-                + " changed. Something called during the pass (on_before_batch_transfer, transfer_batch_to_device,"
-                " on_after_batch_transfer, the forward, the dataset) switched a module's mode or drew random numbers.",
-            )
+        self._guard(
+            trainer,
+            "inside",
+            None
+            if not changes
+            else f"EvalGuard's clean pass after epoch {trainer.current_epoch} was not clean: during it, "
+            + "; ".join(changes)
+            + " changed. Something called during the pass (on_before_batch_transfer, transfer_batch_to_device,"
+            " on_after_batch_transfer, the forward, the dataset) switched a module's mode or drew random numbers.",
+        )
 
     def _write_tensorboard_layout(self, trainer: pl.Trainer, sources: list[CleanSource]) -> None:
         """Give every attached TensorBoardLogger a custom-scalars dashboard of EvalGuard's curves (rank zero only)."""

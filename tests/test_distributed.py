@@ -156,3 +156,15 @@ def test_decompose_with_sync_batchnorm_under_ddp_is_refused_before_training():
     model = nn.Sequential(nn.Linear(3, 3), nn.SyncBatchNorm(3))
     with pytest.raises(ValueError, match=r"SyncBatchNorm synchronises\s+every batch across ranks"):
         guard.on_train_start(Mock(world_size=2), model)  # type: ignore[arg-type]
+
+
+def test_a_guard_failing_on_one_rank_stops_every_rank_instead_of_hanging(tmp_path):
+    script = Path(__file__).resolve().parent / "ddp_guard_script.py"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = ((tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1))
+    assert rank1.startswith("EvalGuardError: EvalGuard's clean pass is not clean"), rank1
+    assert rank0.startswith("EvalGuardError: EvalGuard's augmentation guard failed on another rank"), rank0
