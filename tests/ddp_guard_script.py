@@ -46,6 +46,8 @@ def main() -> None:
     except Exception as error:
         outcome = f"{type(error).__name__}: {error}"
     (out / f"rank{trainer.global_rank}.txt").write_text(outcome)
+    if torch.distributed.is_initialized():  # a clean teardown after the error, so that gloo does not abort at exit
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
