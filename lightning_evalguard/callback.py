@@ -202,6 +202,7 @@ class EvalGuard(Callback, _StandaloneCallback):
         self._warned: set[str] = set()
         self._references = References(self.running, self.val)
         self._validated_epoch: int | None = None
+        self._trained_batches = 0  # training batches this process ran in the current epoch
 
     @property
     @override
@@ -217,6 +218,7 @@ class EvalGuard(Callback, _StandaloneCallback):
             self._sources_for_loaders = None
             self._references.forget()
             self._validated_epoch = None
+            self._trained_batches = 0
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -251,6 +253,13 @@ class EvalGuard(Callback, _StandaloneCallback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._references.check_after_epoch(trainer, self._warn_once)
+        self._trained_batches = 0
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._trained_batches += 1
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -258,6 +267,12 @@ class EvalGuard(Callback, _StandaloneCallback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        try:
+            self._on_train_epoch_end(trainer, pl_module)
+        finally:
+            self._trained_batches = 0
+
+    def _on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._due(trainer):
             return
         epoch = trainer.current_epoch
@@ -575,7 +590,7 @@ class EvalGuard(Callback, _StandaloneCallback):
         pass_seconds: float,
     ) -> None:
         clean = measured[_CLEAN]
-        running = self._references.running_values(trainer, clean, self._warn_once)
+        running = self._references.running_values(trainer, clean, self._warn_once, trained=self._trained_batches > 0)
         gap = {name: clean[name] - running[name] for name in running}
         validated = self._validated_epoch == trainer.current_epoch  # validation values only when it ran this epoch
         validation = self._references.validation_values(trainer, clean) if validated else {}

@@ -59,13 +59,18 @@ class References:
         """
         return [self.val[name]] if name in self.val else validation_candidates(name)
 
-    def running_values(self, trainer: pl.Trainer, names: Iterable[str], warn: Warn) -> dict[str, float]:
+    def running_values(
+        self, trainer: pl.Trainer, names: Iterable[str], warn: Warn, trained: bool = True
+    ) -> dict[str, float]:
         """The running value of each metric found, the same on every rank (rank 0's, which the logger writes).
 
         Args:
             trainer: The Trainer.
             names: The metric names.
             warn: ``(key, message)``: gives a warning once.
+            trained: Whether training steps ran in this process during the epoch. Lightning re-runs the end of an
+                epoch after restoring a checkpoint taken at validation end: what was logged then is gone, so
+                nothing is compared and nothing is warned about.
 
         Returns:
             ``{name: value}`` for the names whose key was found.
@@ -74,11 +79,7 @@ class References:
         flags = logged_flags(trainer)
         values: dict[str, float] = {}
         self._read = {}
-        if not callback_metrics:
-            # Nothing at all was logged this epoch: Lightning re-running the end of an epoch after restoring a
-            # checkpoint taken at validation end. Nothing to compare with, and nothing to warn about yet.
-            return _same_on_every_rank(trainer, values)
-        for name in names:
+        for name in names if trained else ():
             key = next((key for key in self.running_candidates(name) if key in callback_metrics), None)
             value = float(callback_metrics[key]) if key is not None else None
             self._read[name] = (key, value)
