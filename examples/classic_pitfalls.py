@@ -17,16 +17,18 @@ statistics, so the result depends on which samples share a batch.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
+# examples/digits.py: Python puts the script's folder on sys.path, so it imports when this file runs as a script.
+from digits import torch_threads
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -163,17 +165,6 @@ def tell(pitfall: Pitfall, guard: EvalGuard, clean: float, eval_mode: list[float
     else:
         verdict = f"differ by {points(*train_mode)}: {pitfall.why}"
     print(f"  {'  train mode, under no_grad':<34} {train_mode[0]:.4f}  {train_mode[1]:.4f}   {verdict}")
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run with ``count`` intra-op threads, then put the previous number back."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:

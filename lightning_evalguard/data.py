@@ -464,7 +464,8 @@ def validation_transform(
     loaders = trainer.val_dataloaders
     if loaders is None:
         for owner in (getattr(trainer, "datamodule", None), pl_module):
-            if owner is not None and _overrides_val_dataloader(owner):
+            # `val_dataloader` exists on every LightningModule/LightningDataModule and raises unless overridden.
+            if owner is not None and user_overrides(owner, "val_dataloader"):
                 loaders = owner.val_dataloader()
                 break
     if loaders is None:
@@ -505,10 +506,6 @@ def pads_samples(loader: Any) -> bool:
         return False
     return bool(sampler.total_size != len(sampler.dataset))  # type: ignore[arg-type]
 
-
-def _overrides_val_dataloader(owner: Any) -> bool:
-    # `val_dataloader` exists on every LightningModule/LightningDataModule and raises unless overridden.
-    return user_overrides(owner, "val_dataloader")
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,13 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
+class NoTraining(Classifier):
+    """Fails the test if a training step runs: for errors that must come before the first training step."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        raise AssertionError("a training step ran: the error should have stopped the fit before")
+
+
 def trainer(tmp_path: Any, **kwargs: Any) -> pl.Trainer:
     options: dict[str, Any] = {
         "default_root_dir": tmp_path,

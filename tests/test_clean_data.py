@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_evalguard import EvalGuard
 
-from helpers import NUM_CLASSES, Classifier, NumpyNoise, TensorData, accuracy, loader, make_tensors, trainer
+from helpers import NUM_CLASSES, Classifier, NoTraining, NumpyNoise, TensorData, accuracy, loader, make_tensors, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:EvalGuard found no running metric")
 
@@ -106,8 +106,7 @@ def test_eval_transform_without_the_attribute_fails_before_training(tmp_path):
     class NoTransform(torch.utils.data.TensorDataset):
         pass
 
-    model = Classifier("linear")
-    model.training_step = lambda *a: pytest.fail("training started")  # type: ignore[method-assign]
+    model = NoTraining("linear")
     guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, eval_transform=Tag(0.0))
     with pytest.raises(ValueError, match=r"sets the dataset attribute 'transform'.*NoTransform.*transform_attr="):
         fit(tmp_path, guard, model, train_dataloaders=loader(NoTransform(x, y)))
@@ -321,8 +320,7 @@ class Stream(IterableDataset):
 
 def test_iterable_training_set_fails_before_the_first_training_step(tmp_path):
     x, y = make_tensors(32)
-    model = Classifier("linear")
-    model.training_step = lambda *a: pytest.fail("training started")  # type: ignore[method-assign]
+    model = NoTraining("linear")
     guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, limit_batches=0.5)
     with pytest.raises(ValueError, match=r"IterableDataset.*dataloader=.*clean_train_dataloader\(\).*int `limit_batches"):
         fit(tmp_path, guard, model, train_dataloaders=DataLoader(Stream(x, y), batch_size=8))
@@ -348,8 +346,7 @@ def test_a_training_loader_that_is_not_a_dataloader_fails_before_training(tmp_pa
             return 2
 
     batches = Batches()
-    model = Classifier("linear")
-    model.training_step = lambda *a: pytest.fail("training started")  # type: ignore[method-assign]
+    model = NoTraining("linear")
     guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)})
     with pytest.raises(TypeError, match=r"the training loader to switch augmentation off, but it is a Batches, not a torch DataLoader. Pass `dataloader=`"):
         fit(tmp_path, guard, model, train_dataloaders=batches)

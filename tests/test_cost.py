@@ -17,6 +17,7 @@ from lightning_evalguard import EvalGuard
 from helpers import (
     NUM_CLASSES,
     Classifier,
+    NoTraining,
     NumpyNoise,
     TensorData,
     assert_training_unchanged_by,
@@ -127,8 +128,7 @@ def test_training_with_a_cache_is_bit_identical(tmp_path):
 
 def test_a_cache_over_its_budget_is_refused_before_training(tmp_path):
     x, y = make_tensors(48)
-    model = Classifier("linear")
-    model.training_step = lambda *a: pytest.fail("training started")  # type: ignore[method-assign]
+    model = NoTraining("linear")
     guard = EvalGuard({"acc": micro()}, cache=True, cache_max_bytes=1000)
     with pytest.raises(ValueError, match=r"cache=True\) would keep about 0 MiB of clean batches \(3 batches of .* more than\s+cache_max_bytes=1000"):
         trainer(tmp_path, callbacks=[guard]).fit(model, loader(TensorData(x, y)))

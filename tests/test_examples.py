@@ -61,7 +61,8 @@ def test_digits_example_decompose_splits_the_gap_into_three_effects(tmp_path, ca
     assert "gap =" in out and "train mode +" in out
 
 
-def test_classic_pitfalls_clean_is_reproducible_and_train_mode_is_not(capsys):
+def test_classic_pitfalls_clean_is_reproducible_and_train_mode_is_not(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # as `python examples/classic_pitfalls.py` does, for `import digits`
     pitfalls = load("classic_pitfalls")
     results = pitfalls.main(["--max-epochs", "2", "--samples", "400", "--batch-size", "40"])
     assert set(results) == {"linear", "dropout", "batchnorm"}

@@ -19,6 +19,7 @@ from helpers import (
     NUM_CLASSES,
     NUM_FEATURES,
     Classifier,
+    NoTraining,
     NumpyNoise,
     TensorData,
     assert_training_unchanged_by,
@@ -30,13 +31,6 @@ from helpers import (
 
 def acc() -> MulticlassAccuracy:
     return MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
-
-
-class NoTraining(Classifier):
-    """Fails the test if a training step runs: the guard must stop the fit before."""
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        pytest.fail("a training step ran before the guard stopped the fit")
 
 
 def test_dataset_augmentation_left_on_raises_before_any_training_step(tmp_path):
