@@ -21,7 +21,14 @@ from typing_extensions import override
 from lightning_evalguard import arguments
 from lightning_evalguard import guards as guard_checks
 from lightning_evalguard._lightning import uses_inference_mode
-from lightning_evalguard.clean_pass import ForwardFn, checked_forward, default_forward, prepare_batch, run_pass
+from lightning_evalguard.clean_pass import (
+    ForwardFn,
+    checked_forward,
+    default_forward,
+    device_cache_placement,
+    prepare_batch,
+    run_pass,
+)
 from lightning_evalguard.data import CleanSource, SourceOptions, batch_nbytes, build_sources, validation_transform
 from lightning_evalguard.errors import EvalGuardError, EvalGuardWarning
 from lightning_evalguard.isolation import (
@@ -120,8 +127,10 @@ class EvalGuard(Callback, _StandaloneCallback):
             (if the outputs differ, the first module responsible is named); after every pass, module flags, the
             trainer's stage and the RNG states must be back.
         print_summary: Print ``summary`` (a rich table when rich is installed) on rank zero at the end of fit.
-        cache: Keep the clean batches in host memory after the first pass; later passes skip loading and transforms.
-        cache_max_bytes: The most host memory the cache may take; a cache estimated above it is refused at fit start.
+        cache: Keep the clean batches in memory after the first pass; later passes skip loading and transforms. On a
+            CUDA device, without batch-transfer hooks, the batches stay on the device when they take at most half
+            of its free memory; otherwise in host memory.
+        cache_max_bytes: The most memory the cache may take; a cache estimated above it is refused at fit start.
 
     Raises:
         TypeError: If an argument has the wrong type (the message names it, what was expected and what was given).
@@ -406,7 +415,9 @@ class EvalGuard(Callback, _StandaloneCallback):
         loader: Any = source.loader
         max_batches = source.max_batches
         if source.cache is not None and flavor != _AUGMENTED:  # pass C reads augmented batches: never cached
-            loader, max_batches = source.cache.read(source.loader, source.max_batches), None
+            cache = source.cache
+            placement = device_cache_placement(trainer, pl_module, cache.estimate) if cache.filling else None
+            loader, max_batches = cache.read(source.loader, source.max_batches, placement), None
         description = "EvalGuard clean pass" if flavor == _CLEAN else f"EvalGuard {flavor.replace('_', ' ')}"
         description += f" [{source.name}]" if source.name else ""
         with pass_progress(trainer, _length(source), description) as step:
@@ -486,6 +497,7 @@ class EvalGuard(Callback, _StandaloneCallback):
             with self._pass_context(trainer, pl_module, source, eval_value, _CLEAN):
                 first = next(iter(source.loader), None)
             estimate = batch_nbytes(first) * batches
+            source.cache.estimate = estimate
             over = estimate > self.cache_max_bytes
             if trainer.world_size > 1:  # every rank refuses together, or none does
                 over = bool(trainer.strategy.reduce_boolean_decision(over, all=False))
@@ -493,7 +505,7 @@ class EvalGuard(Callback, _StandaloneCallback):
                 mib = 1 << 20
                 raise ValueError(
                     f"EvalGuard(cache=True) would keep about {estimate / mib:.0f} MiB of clean batches ({batches}"
-                    f" batches of {batch_nbytes(first) / mib:.1f} MiB) in host memory, more than"
+                    f" batches of {batch_nbytes(first) / mib:.1f} MiB), more than"
                     f" cache_max_bytes={self.cache_max_bytes} ({self.cache_max_bytes / mib:.0f} MiB). Evaluate a"
                     " subset with `limit_batches=`, raise `cache_max_bytes=`, or pass cache=False."
                 )

@@ -5,14 +5,26 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torchmetrics import MetricCollection
 
 from lightning_evalguard._lightning import on_before_batch_transfer, user_overrides
+from lightning_evalguard.data import DevicePlacement
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["ForwardFn", "batch_path", "checked_forward", "default_forward", "prepare_batch", "run_pass"]
+__all__ = [
+    "DEVICE_CACHE_SHARE",
+    "ForwardFn",
+    "batch_path",
+    "checked_forward",
+    "default_batch_path",
+    "default_forward",
+    "device_cache_placement",
+    "prepare_batch",
+    "run_pass",
+]
 
 _BATCH_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
 
@@ -67,12 +79,29 @@ def prepare_batch(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any
     return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
 
+def default_batch_path(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Whether batches reach the model the default way: no batch-transfer hook overridden, the base transfer.
+
+    Args:
+        trainer: The Trainer.
+        pl_module: The LightningModule.
+
+    Returns:
+        True when neither the module nor the datamodule overrides ``on_before_batch_transfer``,
+        ``transfer_batch_to_device`` or ``on_after_batch_transfer`` and the strategy keeps the base
+        ``batch_to_device``: a batch then only goes through ``convert_input`` and ``move_data_to_device``.
+    """
+    datamodule = getattr(trainer, "datamodule", None)
+    overridden = any(user_overrides(pl_module, hook) or user_overrides(datamodule, hook) for hook in _BATCH_HOOKS)
+    return not overridden and _base_batch_to_device(trainer.strategy)
+
+
 def batch_path(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[Any], Any]:
     """The function that brings a loader's batch to the model, chosen once per pass.
 
-    When neither the module nor the datamodule overrides a batch-transfer hook and the strategy moves batches the
-    default way, the hooks are Lightning's identities and ``move_data_to_device``: the batch goes there directly,
-    without the per-batch hook dispatch. Otherwise :func:`prepare_batch`.
+    On the default path (:func:`default_batch_path`) the hooks are Lightning's identities and
+    ``move_data_to_device``: the batch goes there directly, without the per-batch hook dispatch. Otherwise
+    :func:`prepare_batch`.
 
     Args:
         trainer: The Trainer.
@@ -81,15 +110,45 @@ def batch_path(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[
     Returns:
         ``batch -> batch on the device``.
     """
-    datamodule = getattr(trainer, "datamodule", None)
-    if any(user_overrides(pl_module, hook) or user_overrides(datamodule, hook) for hook in _BATCH_HOOKS) or (
-        not _base_batch_to_device(trainer.strategy)
-    ):
+    if not default_batch_path(trainer, pl_module):
         return lambda batch: prepare_batch(trainer, pl_module, batch)
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
     convert, device = trainer.precision_plugin.convert_input, trainer.strategy.root_device
     return lambda batch: move_data_to_device(convert(batch), device)
+
+
+DEVICE_CACHE_SHARE = 0.5
+"""The share of the device's free memory (measured when the cache fills) that a device cache may take."""
+
+
+def device_cache_placement(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, estimate: int | None
+) -> DevicePlacement | None:
+    """Where a batch cache that is about to fill keeps its batches: on the CUDA device when they fit, else None.
+
+    The device is chosen when the batches reach the model the default way (:func:`default_batch_path`: with a
+    transfer hook, the hook must see every batch, so the cache keeps the loader's batches in host memory) and the
+    estimated size is at most ``DEVICE_CACHE_SHARE`` of the device memory free at that moment. The cache fills during
+    the first clean pass, after a training epoch has reserved what training needs, so half of what is left stays
+    free for training to grow. While filling, the batches may take at most that share (else the cache is dropped).
+
+    Args:
+        trainer: The Trainer.
+        pl_module: The LightningModule.
+        estimate: The cache's estimated bytes (from fit start), or None if unknown.
+
+    Returns:
+        The placement, or None for host memory.
+    """
+    device = trainer.strategy.root_device
+    if device.type != "cuda" or estimate is None or not default_batch_path(trainer, pl_module):
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    budget = int(free * DEVICE_CACHE_SHARE)
+    if estimate > budget:
+        return None
+    return DevicePlacement(device, batch_path(trainer, pl_module), budget)
 
 
 def _base_batch_to_device(strategy: Any) -> bool:

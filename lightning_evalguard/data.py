@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import torch
 from torch.utils.data import (
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BatchCache",
+    "DevicePlacement",
     "CleanSource",
     "SourceOptions",
     "build_sources",
@@ -83,31 +84,72 @@ def _copy(batch: Any) -> Any:
     return batch
 
 
+class DevicePlacement(NamedTuple):
+    """Where a filling :class:`BatchCache` keeps its batches when not in host memory.
+
+    Attributes:
+        device: The accelerator device.
+        move: Brings a loader batch to ``device`` (idempotent).
+        max_bytes: The most device memory the batches may take.
+    """
+
+    device: torch.device
+    move: Callable[[Any], Any]
+    max_bytes: int
+
+
 class BatchCache:
-    """The clean batches of one source kept in host memory after the first full pass, up to ``max_bytes``.
+    """The clean batches of one source kept in memory after the first full pass, up to ``max_bytes``.
 
     With augmentation off the clean batches are the same every epoch, so later passes skip loading, worker start-up
-    and transforms. Each pass reads copies, so a hook that changes a batch in place cannot change the cache. If the
-    batches outgrow ``max_bytes`` while filling, the cache is dropped and passes read the loader as before.
+    and transforms. The batches live in host memory as the loader yields them, or, when the pass that fills the
+    cache is given a ``to_device`` function, on the device as that function returns them (later passes then skip the
+    transfer too). Each pass reads copies, so a hook or a forward that changes a batch in place cannot change the
+    cache. If the batches outgrow ``max_bytes`` while filling, the cache is dropped and passes read the loader as
+    before.
+
+    Attributes:
+        max_bytes: The most memory the batches may take.
+        batches: The cached batches once a pass has filled the cache, else None.
+        nbytes: The bytes the cached batches take.
+        overflowed: Whether the batches outgrew ``max_bytes`` (the cache stays empty).
+        estimate: The size estimated at fit start (first batch times number of batches), or None.
+        device: Where the cached batches live: None for host memory, as the loader yields them.
     """
 
     def __init__(self, max_bytes: int) -> None:
         """Create an empty cache.
 
         Args:
-            max_bytes: The most host memory the batches may take.
+            max_bytes: The most memory the batches may take.
         """
         self.max_bytes = max_bytes
         self.batches: list[Any] | None = None
         self.nbytes = 0
         self.overflowed = False
+        self.estimate: int | None = None
+        self.device: torch.device | None = None
 
-    def read(self, loader: Iterable[Any], max_batches: int | None) -> Iterator[Any]:
+    @property
+    def filling(self) -> bool:
+        """Whether the next :meth:`read` would fill the cache (it is neither full nor dropped)."""
+        return self.batches is None and not self.overflowed
+
+    def read(
+        self,
+        loader: Iterable[Any],
+        max_batches: int | None,
+        to_device: DevicePlacement | None = None,
+    ) -> Iterator[Any]:
         """Yield up to ``max_batches`` batches: from the cache once it is full, else from ``loader`` while filling it.
 
         Args:
             loader: The source's loader.
             max_batches: The most batches a pass reads.
+            to_device: Keep the batches on ``to_device.device``: while filling, every loader batch goes through
+                ``to_device.move`` (which must be idempotent: the pass applies its own transfer again), and the moved
+                batch is yielded and cached, up to ``to_device.max_bytes`` as well. Ignored once the cache is full
+                or dropped.
 
         Yields:
             The batches (copies of the cached ones).
@@ -117,11 +159,15 @@ class BatchCache:
                 yield _copy(batch)
             return
         kept: list[Any] | None = None if self.overflowed else []
+        move = to_device.move if to_device is not None and kept is not None else None
+        limit = self.max_bytes if move is None or to_device is None else min(self.max_bytes, to_device.max_bytes)
         size = 0
         for count, batch in enumerate(loader, start=1):
+            if move is not None:
+                batch = move(batch)
             if kept is not None:
                 size += batch_nbytes(batch)
-                if size > self.max_bytes:
+                if size > limit:
                     kept, self.overflowed = None, True
                 else:
                     kept.append(_copy(batch))
@@ -130,6 +176,7 @@ class BatchCache:
                 break
         if kept is not None:
             self.batches, self.nbytes = kept, size
+            self.device = to_device.device if move is not None and to_device is not None else None
 
 
 @dataclass

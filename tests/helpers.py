@@ -95,6 +95,12 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
+class HooklessClassifier(Classifier):
+    """A Classifier without batch-transfer hooks: batches reach it the default way."""
+
+    on_after_batch_transfer = pl.LightningModule.on_after_batch_transfer
+
+
 class NoTraining(Classifier):
     """Fails the test if a training step runs: for errors that must come before the first training step."""
 

@@ -17,6 +17,7 @@ from lightning_evalguard import EvalGuard
 from helpers import (
     NUM_CLASSES,
     Classifier,
+    HooklessClassifier,
     NoTraining,
     NumpyNoise,
     TensorData,
@@ -168,3 +169,107 @@ def test_clean_loader_keeps_its_workers_alive_when_the_training_loader_does(tmp_
     decomposed = EvalGuard({"acc": micro()}, eval_transform=nn.Identity(), decompose=True)
     trainer(tmp_path, max_epochs=1, callbacks=[decomposed]).fit(Classifier("linear"), train)
     assert not decomposed._sources[0].loader.persistent_workers  # type: ignore[index, attr-defined]
+
+
+def batches_of(n: int, size: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = make_tensors(n)
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, n, size)]
+
+
+def test_a_cache_given_a_placement_keeps_the_moved_batches_and_reads_copies():
+    from lightning_evalguard.data import BatchCache, DevicePlacement
+
+    source = batches_of(12)
+    moves = []
+
+    def move(batch: Any) -> Any:  # a stand-in for the transfer: a new tensor in another dtype
+        moves.append(1)
+        return batch[0].double(), batch[1]
+
+    cache = BatchCache(max_bytes=1 << 20)
+    assert cache.filling
+    first = list(cache.read(source, None, DevicePlacement(torch.device("cpu"), move, 1 << 20)))
+    assert len(moves) == 3 and all(batch[0].dtype == torch.float64 for batch in first)
+    assert not cache.filling and cache.device == torch.device("cpu")
+    assert cache.nbytes == sum(b[0].numel() * 8 + b[1].numel() * 8 for b in source)
+    second = list(cache.read(source, None, DevicePlacement(torch.device("cpu"), move, 1 << 20)))
+    assert len(moves) == 3  # a full cache moves nothing again
+    assert all(torch.equal(a[0], b[0]) and a[0].dtype == torch.float64 for a, b in zip(first, second, strict=True))
+    second[0][0].add_(1.0)  # a forward or hook that changes its input in place
+    third = list(cache.read(source, None))
+    assert torch.equal(third[0][0], first[0][0])
+
+
+def test_a_host_cache_keeps_the_loader_batches():
+    from lightning_evalguard.data import BatchCache
+
+    source = batches_of(12)
+    cache = BatchCache(max_bytes=1 << 20)
+    assert [b[0].dtype for b in cache.read(source, 2)] == [torch.float32] * 2
+    assert cache.device is None and len(cache.batches or []) == 2
+
+
+def test_a_placement_budget_smaller_than_the_batches_drops_the_cache():
+    from lightning_evalguard.data import BatchCache, DevicePlacement
+
+    source = batches_of(12)
+    cache = BatchCache(max_bytes=1 << 20)
+    placement = DevicePlacement(torch.device("cpu"), lambda b: (b[0].double(), b[1]), max_bytes=200)
+    read = list(cache.read(source, None, placement))
+    assert len(read) == 3 and read[0][0].dtype == torch.float64  # the pass still gets every (moved) batch
+    assert cache.overflowed and cache.batches is None and not cache.filling
+
+
+def cuda_trainer(tmp_path: Any, monkeypatch: Any, free: int) -> pl.Trainer:
+    """A CPU Trainer whose strategy reports a CUDA root device with ``free`` bytes free (nothing runs on it)."""
+    pl_trainer = trainer(tmp_path)
+    monkeypatch.setattr(type(pl_trainer.strategy), "root_device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 4 * free))
+    return pl_trainer
+
+
+def test_on_cuda_the_cache_goes_to_the_device_when_it_takes_at_most_half_the_free_memory(tmp_path, monkeypatch):
+    from lightning_evalguard.clean_pass import device_cache_placement
+
+    pl_trainer = cuda_trainer(tmp_path, monkeypatch, free=1000)
+    module = HooklessClassifier("linear")
+    placement = device_cache_placement(pl_trainer, module, 500)
+    assert placement is not None
+    assert placement.device == torch.device("cuda", 0) and placement.max_bytes == 500
+    assert device_cache_placement(pl_trainer, module, 501) is None  # over half the free memory: host
+    assert device_cache_placement(pl_trainer, module, None) is None  # no estimate: host
+    assert device_cache_placement(pl_trainer, Classifier("linear"), 10) is None  # a transfer hook: host
+
+
+def test_on_the_cpu_the_cache_stays_in_host_memory(tmp_path):
+    from lightning_evalguard.clean_pass import device_cache_placement
+
+    assert device_cache_placement(trainer(tmp_path), HooklessClassifier("linear"), 10) is None
+
+
+@pytest.mark.filterwarnings("ignore:EvalGuard found no running metric")
+def test_a_cache_filled_through_the_batch_path_gives_the_same_values(tmp_path, monkeypatch):
+    import lightning_evalguard.callback as callback_module
+    from lightning_evalguard.clean_pass import batch_path
+    from lightning_evalguard.data import DevicePlacement
+
+    def run(placed: bool) -> EvalGuard:
+        if placed:  # what a CUDA device gets: the batches as the batch path returns them (here: float64)
+            monkeypatch.setattr(
+                callback_module,
+                "device_cache_placement",
+                lambda t, m, estimate: DevicePlacement(t.strategy.root_device, batch_path(t, m), 1 << 30),
+            )
+        x, y = make_tensors(48)
+        guard = EvalGuard({"acc": micro(), "logit": MeanLogit()}, eval_transform=nn.Identity(), cache=True)
+        pl.seed_everything(0, verbose=False)
+        pl_trainer = trainer(tmp_path, max_epochs=3, callbacks=[guard], precision="64-true")
+        pl_trainer.fit(HooklessClassifier("both"), loader(TensorData(x, y, NumpyNoise())))
+        return guard
+
+    host, placed = run(False), run(True)
+    (host_source,), (placed_source,) = host._sources, placed._sources
+    assert host_source.cache.device is None and placed_source.cache.device == torch.device("cpu")
+    assert host_source.cache.batches[0][0].dtype == torch.float32  # the loader's batches
+    assert placed_source.cache.batches[0][0].dtype == torch.float64  # converted by the precision plugin
+    assert [e["clean"] for e in placed.history] == [e["clean"] for e in host.history]

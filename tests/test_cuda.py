@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 import lightning_evalguard.callback as callback_module
 from lightning_evalguard import EvalGuard
 
-from helpers import NUM_CLASSES, Classifier, NumpyNoise, TensorData, loader, make_tensors, trainer
+from helpers import NUM_CLASSES, Classifier, HooklessClassifier, NumpyNoise, TensorData, loader, make_tensors, trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -65,3 +65,20 @@ def test_the_batch_loop_does_not_sync_with_the_host(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="no running metric"):
         pl_trainer.fit(Classifier("linear"), loader(TensorData(x, y), pin_memory=True))
     assert len(guard.history) == 1
+
+
+def test_the_cache_lives_on_the_device_and_its_passes_are_exact(tmp_path):
+    x, y = make_tensors(70)
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")},
+                      eval_transform=nn.Identity(), cache=True)
+    model = HooklessClassifier("both")
+    pl_trainer = trainer(tmp_path, max_epochs=3, accelerator="cuda", callbacks=[guard])
+    pl_trainer.fit(model, loader(TensorData(x, y, NumpyNoise()), pin_memory=True))
+    (source,) = guard._sources
+    assert source.cache.device is not None and source.cache.device.type == "cuda"
+    assert source.cache.batches[0][0].device.type == "cuda"
+    assert len(guard.history) == 3  # passes 2 and 3 read the device cache
+    model.eval()
+    with torch.no_grad():
+        expected = (model(x.cuda()).argmax(1) == y.cuda()).double().mean().item()
+    assert guard.history[-1]["clean"]["acc"] == pytest.approx(expected, abs=1e-6)
