@@ -67,11 +67,17 @@ def check_guard_mode(value: Any) -> GuardMode:
 def reseed(seed: int, generator: torch.Generator | None = None) -> None:
     """Seed the global torch, numpy and Python RNGs, and ``generator`` when given.
 
+    Only the generators that ``isolated_rng`` restores are seeded: torch's CPU generator, and the CUDA generators when
+    CUDA is initialised. ``torch.manual_seed`` would also seed the MPS and XPU generators, and queue a seed for CUDA's
+    lazy initialisation when it has not happened yet, none of which would be put back.
+
     Args:
         seed: The seed.
         generator: A loader's own generator (its worker seeds derive from it).
     """
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        torch.cuda.manual_seed_all(seed)
     np.random.seed(seed)
     random.seed(seed)
     if generator is not None:

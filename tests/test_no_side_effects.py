@@ -94,6 +94,21 @@ def test_pass_changes_no_parameter_gradient_optimizer_state_buffer_mode_rng_or_s
     assert set(model.seen) == {(True, False)}
 
 
+def test_no_generator_is_seeded_that_is_not_put_back(tmp_path, monkeypatch):
+    # torch.manual_seed would seed the MPS/XPU generators and queue a seed for CUDA's lazy initialisation (changing
+    # the CUDA stream of a later GPU run in the same process): the pass seeds only what isolated_rng restores.
+    seeded: list[str] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append("cuda"))
+    monkeypatch.setattr(torch.mps, "manual_seed", lambda seed: seeded.append("mps"))
+    if hasattr(torch, "xpu"):
+        monkeypatch.setattr(torch.xpu, "manual_seed_all", lambda seed: seeded.append("xpu"))
+    x, y = make_tensors(40)
+    g = guard(eval_transform=nn.Identity(), decompose=True)
+    trainer(tmp_path, max_epochs=2, callbacks=[g]).fit(Classifier("both"), loader(TensorData(x, y, NumpyNoise())))
+    assert len(g.history) == 2
+    assert not torch.cuda.is_initialized() and seeded == []
+
+
 class ModesDuringPass(Classifier):
     def __init__(self) -> None:
         super().__init__("both")
