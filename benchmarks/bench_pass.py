@@ -504,11 +504,11 @@ def run_cache_timings(
         samples["first"].append(cached.seconds[0])
         samples["cached"].append(cached.seconds[-1])
         caches = [source.cache for source in cached._sources or [] if source.cache is not None]
-        if not caches or caches[0].batches is None:
+        if not caches or caches[0].num_batches == 0:  # the batches themselves are freed at the end of fit
             raise RuntimeError("EvalGuard(cache=True) did not fill its cache: the cached case would not be one.")
         cache_info = {
             "nbytes": caches[0].nbytes,
-            "batches": len(caches[0].batches),
+            "batches": caches[0].num_batches,
             "where": str(caches[0].device) if caches[0].device is not None else "host memory",
         }
     return samples, cache_info

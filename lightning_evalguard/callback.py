@@ -24,12 +24,20 @@ from lightning_evalguard._lightning import uses_inference_mode
 from lightning_evalguard.clean_pass import (
     ForwardFn,
     checked_forward,
+    default_batch_path,
     default_forward,
     device_cache_placement,
     prepare_batch,
     run_pass,
 )
-from lightning_evalguard.data import CleanSource, SourceOptions, batch_nbytes, build_sources, validation_transform
+from lightning_evalguard.data import (
+    CleanSource,
+    SourceOptions,
+    batch_nbytes,
+    build_sources,
+    uncopyable,
+    validation_transform,
+)
 from lightning_evalguard.errors import EvalGuardError, EvalGuardWarning
 from lightning_evalguard.isolation import (
     broadcast_buffers,
@@ -313,6 +321,21 @@ class EvalGuard(Callback, _StandaloneCallback):
             self._log(trainer, pl_module, measured, pass_seconds=time.perf_counter() - started)
 
     @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == TrainerFn.FITTING:
+            self._release_caches()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release_caches()
+
+    def _release_caches(self) -> None:
+        """Free the cached batches (host or device memory) once the fit is over; their sizes stay readable."""
+        for source in self._sources or []:
+            if source.cache is not None:
+                source.cache.release()
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.print_summary and self.history and trainer.is_global_zero:
             _print_summary(self._summary_rows())
@@ -416,7 +439,11 @@ class EvalGuard(Callback, _StandaloneCallback):
         max_batches = source.max_batches
         if source.cache is not None and flavor != _AUGMENTED:  # pass C reads augmented batches: never cached
             cache = source.cache
-            placement = device_cache_placement(trainer, pl_module, cache.estimate) if cache.filling else None
+            placement = (
+                device_cache_placement(trainer, pl_module, cache.device_estimate, cache.max_bytes)
+                if cache.filling
+                else None
+            )
             loader, max_batches = cache.read(source.loader, source.max_batches, placement), None
         description = "EvalGuard clean pass" if flavor == _CLEAN else f"EvalGuard {flavor.replace('_', ' ')}"
         description += f" [{source.name}]" if source.name else ""
@@ -496,8 +523,23 @@ class EvalGuard(Callback, _StandaloneCallback):
                 continue
             with self._pass_context(trainer, pl_module, source, eval_value, _CLEAN):
                 first = next(iter(source.loader), None)
+                converted = trainer.precision_plugin.convert_input(first) if first is not None else None
+            opaque = uncopyable(first)
+            if opaque is not None:  # the same on every rank (the same batch type); no collective depends on it
+                self._warn_once(
+                    f"uncopyable:{source.name}",
+                    f"EvalGuard(cache=True) copies tensors and numpy arrays in dicts, tuples, lists and dataclasses;"
+                    f" the clean batches hold a {opaque}, which it cannot copy or size, so"
+                    + (f" training loader {source.name!r}" if source.name else " the clean data")
+                    + " is not cached. Return tensors in a dict or tuple from the dataset or collate_fn to cache"
+                    " them.",
+                )
+                source.cache = None
+                continue
             estimate = batch_nbytes(first) * batches
             source.cache.estimate = estimate
+            if default_batch_path(trainer, pl_module):
+                source.cache.device_estimate = batch_nbytes(converted) * batches
             over = estimate > self.cache_max_bytes
             if trainer.world_size > 1:  # every rank refuses together, or none does
                 over = bool(trainer.strategy.reduce_boolean_decision(over, all=False))

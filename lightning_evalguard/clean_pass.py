@@ -123,7 +123,7 @@ DEVICE_CACHE_SHARE = 0.5
 
 
 def device_cache_placement(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, estimate: int | None
+    trainer: pl.Trainer, pl_module: pl.LightningModule, estimate: int | None, max_bytes: int
 ) -> DevicePlacement | None:
     """Where a batch cache that is about to fill keeps its batches: on the CUDA device when they fit, else None.
 
@@ -131,12 +131,15 @@ def device_cache_placement(
     transfer hook, the hook must see every batch, so the cache keeps the loader's batches in host memory) and the
     estimated size is at most ``DEVICE_CACHE_SHARE`` of the device memory free at that moment. The cache fills during
     the first clean pass, after a training epoch has reserved what training needs, so half of what is left stays
-    free for training to grow. While filling, the batches may take at most that share (else the cache is dropped).
+    free for training to grow. While filling, the batches may take at most that share and ``max_bytes`` (else the
+    cache is dropped).
 
     Args:
         trainer: The Trainer.
         pl_module: The LightningModule.
-        estimate: The cache's estimated bytes (from fit start), or None if unknown.
+        estimate: The estimated bytes of the batches as they reach the model, or None if they cannot live on the
+            device (see ``BatchCache.device_estimate``).
+        max_bytes: The cache's budget (``cache_max_bytes``).
 
     Returns:
         The placement, or None for host memory.
@@ -145,7 +148,7 @@ def device_cache_placement(
     if device.type != "cuda" or estimate is None or not default_batch_path(trainer, pl_module):
         return None
     free, _total = torch.cuda.mem_get_info(device)
-    budget = int(free * DEVICE_CACHE_SHARE)
+    budget = min(int(free * DEVICE_CACHE_SHARE), max_bytes)
     if estimate > budget:
         return None
     return DevicePlacement(device, batch_path(trainer, pl_module), budget)

@@ -7,11 +7,14 @@ the training loader's ``collate_fn``, workers and pinning), with ``eval_transfor
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
+import numpy as np
 import torch
 from torch.utils.data import (
     BatchSampler,
@@ -37,6 +40,7 @@ __all__ = [
     "SourceOptions",
     "build_sources",
     "batch_nbytes",
+    "uncopyable",
     "IndexSampler",
     "MergedLastBatchSampler",
     "fixed_subset",
@@ -54,33 +58,75 @@ LoaderArg = Union["DataLoader[Any]", Callable[["pl.Trainer"], "DataLoader[Any]"]
 HOOK_NAME = "clean_train_dataloader"
 
 
+def _parts(batch: Any) -> list[Any] | None:
+    # The items of a container a batch may be made of (mapping, tuple, list, dataclass), or None for a leaf.
+    if isinstance(batch, Mapping):
+        return list(batch.values())
+    if isinstance(batch, (tuple, list)):
+        return list(batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return [getattr(batch, item.name) for item in dataclasses.fields(batch)]
+    return None
+
+
 def batch_nbytes(batch: Any) -> int:
-    """The bytes held by the tensors of a batch (tensors in tuples, lists and dicts).
+    """The bytes held by the tensors and numpy arrays of a batch (in mappings, tuples, lists and dataclasses).
 
     Args:
         batch: A batch.
 
     Returns:
-        The sum of ``element_size() * nelement()`` over its tensors.
+        The sum of ``element_size() * nelement()`` over its tensors, plus its arrays' ``nbytes``.
     """
     if isinstance(batch, torch.Tensor):
         return batch.element_size() * batch.nelement()
-    if isinstance(batch, Mapping):
-        return sum(batch_nbytes(value) for value in batch.values())
-    if isinstance(batch, (tuple, list)):
-        return sum(batch_nbytes(value) for value in batch)
-    return 0
+    if isinstance(batch, np.ndarray):
+        return int(batch.nbytes)
+    parts = _parts(batch)
+    return sum(batch_nbytes(part) for part in parts) if parts is not None else 0
+
+
+def uncopyable(batch: Any) -> str | None:
+    """The type of the first part of a batch that the cache cannot copy, or None when it can copy all of it.
+
+    The cache copies tensors and numpy arrays inside mappings, tuples, lists and dataclasses. Any other object with a
+    ``to`` method (which Lightning's transfer would move, e.g. a ``BatchEncoding``) could be changed in place by a
+    hook or a forward without the cache knowing, and holds memory the cache cannot count.
+
+    Args:
+        batch: A batch.
+
+    Returns:
+        The offending part's type name, or None.
+    """
+    if isinstance(batch, (torch.Tensor, np.ndarray)):
+        return None
+    parts = _parts(batch)
+    if parts is None:
+        return type(batch).__name__ if callable(getattr(batch, "to", None)) else None
+    for part in parts:
+        found = uncopyable(part)
+        if found is not None:
+            return found
+    return None
 
 
 def _copy(batch: Any) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.clone()
+    if isinstance(batch, np.ndarray):
+        return batch.copy()
     if isinstance(batch, Mapping):
         return type(batch)({key: _copy(value) for key, value in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(_copy(value) for value in batch))
     if isinstance(batch, (tuple, list)):
         return type(batch)(_copy(value) for value in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        copied = copy.copy(batch)
+        for item in dataclasses.fields(batch):
+            object.__setattr__(copied, item.name, _copy(getattr(batch, item.name)))
+        return copied
     return batch
 
 
@@ -114,7 +160,10 @@ class BatchCache:
         nbytes: The bytes the cached batches take.
         overflowed: Whether the batches outgrew ``max_bytes`` (the cache stays empty).
         estimate: The size estimated at fit start (first batch times number of batches), or None.
+        device_estimate: The same for the batches as they reach the model (after the precision plugin's input
+            conversion), when they could live on the device; else None.
         device: Where the cached batches live: None for host memory, as the loader yields them.
+        num_batches: How many batches the cache held when full (kept after :meth:`release`).
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -128,7 +177,13 @@ class BatchCache:
         self.nbytes = 0
         self.overflowed = False
         self.estimate: int | None = None
+        self.device_estimate: int | None = None
         self.device: torch.device | None = None
+        self.num_batches = 0
+
+    def release(self) -> None:
+        """Drop the cached batches (at the end of fit), keeping ``nbytes``, ``device`` and ``num_batches``."""
+        self.batches = None
 
     @property
     def filling(self) -> bool:
@@ -175,7 +230,7 @@ class BatchCache:
             if max_batches is not None and count >= max_batches:
                 break
         if kept is not None:
-            self.batches, self.nbytes = kept, size
+            self.batches, self.nbytes, self.num_batches = kept, size, len(kept)
             self.device = to_device.device if move is not None and to_device is not None else None
 
 

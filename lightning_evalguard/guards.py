@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_evalguard.isolation import accelerator_rng_states, seed_accelerator_rngs
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
@@ -67,17 +69,16 @@ def check_guard_mode(value: Any) -> GuardMode:
 def reseed(seed: int, generator: torch.Generator | None = None) -> None:
     """Seed the global torch, numpy and Python RNGs, and ``generator`` when given.
 
-    Only the generators that ``isolated_rng`` restores are seeded: torch's CPU generator, and the CUDA generators when
-    CUDA is initialised. ``torch.manual_seed`` would also seed the MPS and XPU generators, and queue a seed for CUDA's
-    lazy initialisation when it has not happened yet, none of which would be put back.
+    Only the generators that ``isolated_rng`` restores are seeded: torch's CPU generator, and the accelerators' (CUDA
+    and XPU once initialised, MPS when available). ``torch.manual_seed`` would also queue a seed for CUDA's lazy
+    initialisation when it has not happened yet, which nothing would put back.
 
     Args:
         seed: The seed.
         generator: A loader's own generator (its worker seeds derive from it).
     """
     torch.default_generator.manual_seed(seed)
-    if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-        torch.cuda.manual_seed_all(seed)
+    seed_accelerator_rngs(seed)
     np.random.seed(seed)
     random.seed(seed)
     if generator is not None:
@@ -208,7 +209,7 @@ class StateSnapshot:
     torch_rng: torch.Tensor
     numpy_rng: tuple[Any, ...]
     python_rng: Any
-    cuda_rng: tuple[torch.Tensor, ...]
+    accelerator_rng: dict[str, list[torch.Tensor]]
 
 
 def snapshot(trainer: pl.Trainer, module: nn.Module) -> StateSnapshot:
@@ -221,14 +222,13 @@ def snapshot(trainer: pl.Trainer, module: nn.Module) -> StateSnapshot:
     Returns:
         The snapshot.
     """
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []  # type: ignore[no-untyped-call]
     return StateSnapshot(
         modes=tuple((name, submodule.training) for name, submodule in module.named_modules()),
         stage=trainer.state.stage,
         torch_rng=torch.get_rng_state(),
         numpy_rng=tuple(np.random.get_state(legacy=True)),
         python_rng=random.getstate(),
-        cuda_rng=tuple(cuda),
+        accelerator_rng=accelerator_rng_states(),
     )
 
 
@@ -251,10 +251,10 @@ def state_changes(before: StateSnapshot, after: StateSnapshot) -> list[str]:
         changes.append(f"trainer stage {before.stage} -> {after.stage}")
     if not torch.equal(before.torch_rng, after.torch_rng):
         changes.append("torch CPU RNG state")
-    if len(before.cuda_rng) != len(after.cuda_rng) or any(
-        not torch.equal(a, b) for a, b in zip(before.cuda_rng, after.cuda_rng, strict=False)
-    ):
-        changes.append("CUDA RNG state")
+    for name in sorted(set(before.accelerator_rng) | set(after.accelerator_rng)):
+        first, second = before.accelerator_rng.get(name, []), after.accelerator_rng.get(name, [])
+        if len(first) != len(second) or any(not torch.equal(a, b) for a, b in zip(first, second, strict=False)):
+            changes.append(f"{name} RNG state")
     if before.numpy_rng[0] != after.numpy_rng[0] or not np.array_equal(before.numpy_rng[1], after.numpy_rng[1]) or (
         before.numpy_rng[2:] != after.numpy_rng[2:]
     ):

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = [
+    "accelerator_rng_states",
+    "seed_accelerator_rngs",
     "broadcast_buffers",
     "preserved_generator",
     "eval_mode",
@@ -55,27 +57,75 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             submodule.training = training
 
 
+def _accelerator_rngs() -> list[tuple[str, Any]]:
+    # The accelerator generator families in use: (name, torch submodule). CUDA and XPU only once initialised (before
+    # that nothing has drawn from them, and touching them would queue a seed for their lazy initialisation); MPS has
+    # no lazy initialisation.
+    found: list[tuple[str, Any]] = []
+    if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        found.append(("CUDA", torch.cuda))
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available() and xpu.is_initialized():
+        found.append(("XPU", xpu))
+    if torch.backends.mps.is_available():
+        found.append(("MPS", torch.mps))
+    return found
+
+
+def accelerator_rng_states() -> dict[str, list[torch.Tensor]]:
+    """The states of the accelerator generators in use (CUDA and XPU once initialised, MPS when available).
+
+    Returns:
+        ``{"CUDA": [state per device], ...}``.
+    """
+    states: dict[str, list[torch.Tensor]] = {}
+    for name, family in _accelerator_rngs():
+        states[name] = list(family.get_rng_state_all()) if name != "MPS" else [family.get_rng_state()]
+    return states
+
+
+def seed_accelerator_rngs(seed: int) -> None:
+    """Seed the accelerator generators that :func:`accelerator_rng_states` reads (and :func:`isolated_rng` restores).
+
+    Args:
+        seed: The seed.
+    """
+    for name, family in _accelerator_rngs():
+        if name == "MPS":
+            family.manual_seed(seed)
+        else:
+            family.manual_seed_all(seed)
+
+
+def _restore_accelerator_rngs(states: dict[str, list[torch.Tensor]]) -> None:
+    families = dict(_accelerator_rngs())
+    for name, saved in states.items():
+        if name == "MPS":
+            families[name].set_rng_state(saved[0])
+        else:
+            families[name].set_rng_state_all(saved)
+
+
 @contextmanager
 def isolated_rng() -> Iterator[None]:
-    """Save the global RNG states (torch CPU, CUDA, numpy, Python ``random``) and restore them on exit.
+    """Save the global RNG states (torch CPU, CUDA, XPU, MPS, numpy, Python ``random``) and restore them on exit.
 
     Unlike ``lightning.pytorch.utilities.seed.isolate_rng`` the states are restored in ``finally``, so they come
-    back also when the body raises. CUDA states are saved only when CUDA is initialised: before that no CUDA
-    generator has been drawn from.
+    back also when the body raises. CUDA and XPU states are saved only once initialised: before that no generator
+    of theirs has been drawn from.
 
     Yields:
         None.
     """
     torch_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
+    accelerator_states = accelerator_rng_states()
     numpy_state = np.random.get_state()
     python_state = random.getstate()
     try:
         yield
     finally:
         torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
+        _restore_accelerator_rngs(accelerator_states)
         np.random.set_state(numpy_state)
         random.setstate(python_state)
 

@@ -16,6 +16,7 @@ from lightning_evalguard import EvalGuard
 
 from helpers import (
     NUM_CLASSES,
+    NUM_FEATURES,
     Classifier,
     HooklessClassifier,
     NoTraining,
@@ -233,18 +234,46 @@ def test_on_cuda_the_cache_goes_to_the_device_when_it_takes_at_most_half_the_fre
 
     pl_trainer = cuda_trainer(tmp_path, monkeypatch, free=1000)
     module = HooklessClassifier("linear")
-    placement = device_cache_placement(pl_trainer, module, 500)
+    placement = device_cache_placement(pl_trainer, module, 500, max_bytes=1 << 30)
     assert placement is not None
     assert placement.device == torch.device("cuda", 0) and placement.max_bytes == 500
-    assert device_cache_placement(pl_trainer, module, 501) is None  # over half the free memory: host
-    assert device_cache_placement(pl_trainer, module, None) is None  # no estimate: host
-    assert device_cache_placement(pl_trainer, Classifier("linear"), 10) is None  # a transfer hook: host
+    assert device_cache_placement(pl_trainer, module, 501, 1 << 30) is None  # over half the free memory: host
+    assert device_cache_placement(pl_trainer, module, 400, max_bytes=300) is None  # over cache_max_bytes: host
+    assert device_cache_placement(pl_trainer, module, 200, max_bytes=300).max_bytes == 300  # type: ignore[union-attr]
+    assert device_cache_placement(pl_trainer, module, None, 1 << 30) is None  # cannot live on the device: host
+    assert device_cache_placement(pl_trainer, Classifier("linear"), 10, 1 << 30) is None  # a transfer hook: host
+
+
+def test_a_datamodule_transfer_hook_keeps_the_cache_in_host_memory(tmp_path, monkeypatch):
+    from lightning_evalguard.clean_pass import device_cache_placement
+
+    class Hooked(pl.LightningDataModule):
+        def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            return batch
+
+    pl_trainer = cuda_trainer(tmp_path, monkeypatch, free=1000)
+    module = HooklessClassifier("linear")
+    assert device_cache_placement(pl_trainer, module, 10, 1 << 30) is not None
+    monkeypatch.setattr(pl_trainer, "datamodule", Hooked(), raising=False)
+    assert device_cache_placement(pl_trainer, module, 10, 1 << 30) is None
 
 
 def test_on_the_cpu_the_cache_stays_in_host_memory(tmp_path):
     from lightning_evalguard.clean_pass import device_cache_placement
 
-    assert device_cache_placement(trainer(tmp_path), HooklessClassifier("linear"), 10) is None
+    assert device_cache_placement(trainer(tmp_path), HooklessClassifier("linear"), 10, 1 << 30) is None
+
+
+class CacheWatcher(EvalGuard):
+    """Records its caches at the end of fit, before teardown frees them."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seen = [
+            (source.cache.device, [batch[0].dtype for batch in source.cache.batches or []])
+            for source in self._sources or []
+            if source.cache is not None
+        ]
+        super().on_fit_end(trainer, pl_module)
 
 
 @pytest.mark.filterwarnings("ignore:EvalGuard found no running metric")
@@ -253,23 +282,82 @@ def test_a_cache_filled_through_the_batch_path_gives_the_same_values(tmp_path, m
     from lightning_evalguard.clean_pass import batch_path
     from lightning_evalguard.data import DevicePlacement
 
-    def run(placed: bool) -> EvalGuard:
+    estimates: list[int | None] = []
+
+    def run(placed: bool) -> CacheWatcher:
         if placed:  # what a CUDA device gets: the batches as the batch path returns them (here: float64)
-            monkeypatch.setattr(
-                callback_module,
-                "device_cache_placement",
-                lambda t, m, estimate: DevicePlacement(t.strategy.root_device, batch_path(t, m), 1 << 30),
-            )
+
+            def placement(t: Any, m: Any, estimate: int | None, max_bytes: int) -> DevicePlacement:
+                estimates.append(estimate)
+                return DevicePlacement(t.strategy.root_device, batch_path(t, m), max_bytes)
+
+            monkeypatch.setattr(callback_module, "device_cache_placement", placement)
         x, y = make_tensors(48)
-        guard = EvalGuard({"acc": micro(), "logit": MeanLogit()}, eval_transform=nn.Identity(), cache=True)
+        guard = CacheWatcher({"acc": micro(), "logit": MeanLogit()}, eval_transform=nn.Identity(), cache=True)
         pl.seed_everything(0, verbose=False)
         pl_trainer = trainer(tmp_path, max_epochs=3, callbacks=[guard], precision="64-true")
         pl_trainer.fit(HooklessClassifier("both"), loader(TensorData(x, y, NumpyNoise())))
         return guard
 
     host, placed = run(False), run(True)
-    (host_source,), (placed_source,) = host._sources, placed._sources
-    assert host_source.cache.device is None and placed_source.cache.device == torch.device("cpu")
-    assert host_source.cache.batches[0][0].dtype == torch.float32  # the loader's batches
-    assert placed_source.cache.batches[0][0].dtype == torch.float64  # converted by the precision plugin
+    assert host.seen == [(None, [torch.float32] * 3)]  # the loader's batches
+    assert placed.seen == [(torch.device("cpu"), [torch.float64] * 3)]  # converted by the precision plugin
     assert [e["clean"] for e in placed.history] == [e["clean"] for e in host.history]
+    # the device estimate counts the converted batches: float64 inputs, int64 labels
+    (cache,) = [source.cache for source in placed._sources]
+    assert estimates == [48 * (NUM_FEATURES * 8 + 8)] == [cache.nbytes]
+    assert cache.estimate == 48 * (NUM_FEATURES * 4 + 8)
+    # the end of fit frees the batches and keeps what they were
+    assert cache.batches is None and cache.num_batches == 3 and cache.device == torch.device("cpu")
+
+
+class Encoding:
+    """A batch type with its own ``to`` (like transformers' BatchEncoding): the cache cannot copy it."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def to(self, device: Any) -> Encoding:
+        return Encoding(self.x.to(device), self.y.to(device))
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return (self.x, self.y)[index]
+
+
+@pytest.mark.filterwarnings("ignore:EvalGuard found no running metric")
+def test_a_batch_the_cache_cannot_copy_is_not_cached_and_says_so(tmp_path):
+    x, y = make_tensors(32)
+    data = CountingData(x, y)
+
+    def collate(items: list[Any]) -> Encoding:
+        return Encoding(torch.stack([item[0] for item in items]), torch.stack([item[1] for item in items]))
+
+    guard = EvalGuard({"acc": micro()}, cache=True, forward=lambda m, b: (m(b.x), b.y), guards="off")
+    with pytest.warns(UserWarning, match=r"the clean batches hold a Encoding, which it cannot copy or size, so the"
+                      r" clean data is not cached"):
+        trainer(tmp_path, max_epochs=2, callbacks=[guard]).fit(
+            HooklessClassifier("linear"), loader(data, collate_fn=collate)
+        )
+    assert [source.cache for source in guard._sources] == [None]
+    assert data.reads == 2 * 32 + 16 + 2 * 32  # training, the budget check's batch, two uncached passes
+
+
+def test_the_cache_copies_and_sizes_dataclass_and_numpy_batches():
+    import dataclasses
+
+    import numpy as np
+
+    from lightning_evalguard.data import _copy, batch_nbytes, uncopyable
+
+    @dataclasses.dataclass(frozen=True)
+    class Batch:
+        x: torch.Tensor
+        extra: dict[str, np.ndarray]
+
+    batch = Batch(torch.zeros(2, 3), {"mask": np.zeros(4, dtype=np.int64)})
+    assert batch_nbytes(batch) == 2 * 3 * 4 + 4 * 8
+    assert uncopyable(batch) is None and uncopyable((torch.zeros(1), Encoding(torch.zeros(1), torch.zeros(1)))) == "Encoding"
+    copied = _copy(batch)
+    copied.x.add_(1)
+    copied.extra["mask"][0] = 7
+    assert batch.x.sum() == 0 and batch.extra["mask"][0] == 0

@@ -95,18 +95,51 @@ def test_pass_changes_no_parameter_gradient_optimizer_state_buffer_mode_rng_or_s
 
 
 def test_no_generator_is_seeded_that_is_not_put_back(tmp_path, monkeypatch):
-    # torch.manual_seed would seed the MPS/XPU generators and queue a seed for CUDA's lazy initialisation (changing
-    # the CUDA stream of a later GPU run in the same process): the pass seeds only what isolated_rng restores.
+    # torch.manual_seed would queue a seed for CUDA's lazy initialisation (changing the CUDA stream of a later GPU run
+    # in the same process), which nothing puts back: the pass seeds only the generators isolated_rng restores.
+    if torch.cuda.is_initialized():
+        pytest.skip("CUDA is initialised in this process: its generators are seeded and restored")
     seeded: list[str] = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append("cuda"))
-    monkeypatch.setattr(torch.mps, "manual_seed", lambda seed: seeded.append("mps"))
-    if hasattr(torch, "xpu"):
-        monkeypatch.setattr(torch.xpu, "manual_seed_all", lambda seed: seeded.append("xpu"))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: seeded.append("cuda"))
     x, y = make_tensors(40)
     g = guard(eval_transform=nn.Identity(), decompose=True)
     trainer(tmp_path, max_epochs=2, callbacks=[g]).fit(Classifier("both"), loader(TensorData(x, y, NumpyNoise())))
     assert len(g.history) == 2
     assert not torch.cuda.is_initialized() and seeded == []
+
+
+class FakeMps:
+    """Stands in for torch.mps on a machine without it: one generator state."""
+
+    def __init__(self) -> None:
+        self.state = torch.tensor([0])
+
+    def get_rng_state(self) -> torch.Tensor:
+        return self.state.clone()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        self.state = state.clone()
+
+    def manual_seed(self, seed: int) -> None:
+        self.state = torch.tensor([seed])
+
+
+def test_an_mps_generator_is_seeded_for_each_pass_and_put_back(monkeypatch):
+    from lightning_evalguard.guards import reseed, snapshot, state_changes
+
+    fake = FakeMps()
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "mps", fake)
+    fake.state = torch.tensor([123])  # the training run's stream
+    with isolated_rng():
+        reseed(7)
+        assert fake.state.item() == 7  # passes B and C start from the same MPS state: the same Dropout masks
+    assert fake.state.item() == 123
+    module, stage = nn.Linear(1, 1), type("T", (), {"state": type("S", (), {"stage": None})()})()
+    before = snapshot(stage, module)
+    fake.state = torch.tensor([5])
+    assert state_changes(before, snapshot(stage, module)) == ["MPS RNG state"]
 
 
 class ModesDuringPass(Classifier):
