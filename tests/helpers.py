@@ -12,6 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_evalguard import EvalGuard
+
 NUM_FEATURES = 6
 NUM_CLASSES = 3
 
@@ -169,3 +171,15 @@ def assert_training_unchanged_by(
     for key in without:
         assert torch.equal(without[key], with_callback[key]), f"{key} differs with the callback"
     return callback
+
+
+class CacheWatcher(EvalGuard):
+    """Records its caches at the end of fit, before teardown frees them: (device, [(input dtype, device type)])."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seen = [
+            (source.cache.device, [(batch[0].dtype, batch[0].device.type) for batch in source.cache.batches or []])
+            for source in self._sources or []
+            if source.cache is not None
+        ]
+        super().on_fit_end(trainer, pl_module)

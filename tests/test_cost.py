@@ -17,6 +17,7 @@ from lightning_evalguard import EvalGuard
 from helpers import (
     NUM_CLASSES,
     NUM_FEATURES,
+    CacheWatcher,
     Classifier,
     HooklessClassifier,
     NoTraining,
@@ -264,18 +265,6 @@ def test_on_the_cpu_the_cache_stays_in_host_memory(tmp_path):
     assert device_cache_placement(trainer(tmp_path), HooklessClassifier("linear"), 10, 1 << 30) is None
 
 
-class CacheWatcher(EvalGuard):
-    """Records its caches at the end of fit, before teardown frees them."""
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.seen = [
-            (source.cache.device, [batch[0].dtype for batch in source.cache.batches or []])
-            for source in self._sources or []
-            if source.cache is not None
-        ]
-        super().on_fit_end(trainer, pl_module)
-
-
 @pytest.mark.filterwarnings("ignore:EvalGuard found no running metric")
 def test_a_cache_filled_through_the_batch_path_gives_the_same_values(tmp_path, monkeypatch):
     import lightning_evalguard.callback as callback_module
@@ -300,8 +289,8 @@ def test_a_cache_filled_through_the_batch_path_gives_the_same_values(tmp_path, m
         return guard
 
     host, placed = run(False), run(True)
-    assert host.seen == [(None, [torch.float32] * 3)]  # the loader's batches
-    assert placed.seen == [(torch.device("cpu"), [torch.float64] * 3)]  # converted by the precision plugin
+    assert host.seen == [(None, [(torch.float32, "cpu")] * 3)]  # the loader's batches
+    assert placed.seen == [(torch.device("cpu"), [(torch.float64, "cpu")] * 3)]  # converted by the precision plugin
     assert [e["clean"] for e in placed.history] == [e["clean"] for e in host.history]
     # the device estimate counts the converted batches: float64 inputs, int64 labels
     (cache,) = [source.cache for source in placed._sources]

@@ -13,7 +13,17 @@ from torchmetrics.classification import MulticlassAccuracy
 import lightning_evalguard.callback as callback_module
 from lightning_evalguard import EvalGuard
 
-from helpers import NUM_CLASSES, Classifier, HooklessClassifier, NumpyNoise, TensorData, loader, make_tensors, trainer
+from helpers import (
+    NUM_CLASSES,
+    CacheWatcher,
+    Classifier,
+    HooklessClassifier,
+    NumpyNoise,
+    TensorData,
+    loader,
+    make_tensors,
+    trainer,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -67,18 +77,6 @@ def test_the_batch_loop_does_not_sync_with_the_host(tmp_path, monkeypatch):
     assert len(guard.history) == 1
 
 
-class CacheWatcher(EvalGuard):
-    """Records where its cache's batches live at the end of fit, before teardown frees them."""
-
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        self.devices = [
-            {batch[0].device.type for batch in source.cache.batches or []}
-            for source in self._sources or []
-            if source.cache is not None
-        ]
-        super().on_fit_end(trainer, pl_module)
-
-
 def test_the_cache_lives_on_the_device_and_its_passes_are_exact(tmp_path):
     x, y = make_tensors(70)
     guard = CacheWatcher({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")},
@@ -86,7 +84,7 @@ def test_the_cache_lives_on_the_device_and_its_passes_are_exact(tmp_path):
     model = HooklessClassifier("both")
     pl_trainer = trainer(tmp_path, max_epochs=3, accelerator="cuda", callbacks=[guard])
     pl_trainer.fit(model, loader(TensorData(x, y, NumpyNoise()), pin_memory=True))
-    assert guard.devices == [{"cuda"}]
+    assert [{kind for _, kind in batches} for _, batches in guard.seen] == [{"cuda"}]
     (source,) = guard._sources
     assert source.cache.device is not None and source.cache.device.type == "cuda"
     assert source.cache.batches is None  # freed at the end of fit
