@@ -115,3 +115,51 @@ def uses_inference_mode(trainer: pl.Trainer) -> bool:
         ``trainer.validate_loop.inference_mode`` (True when it cannot be read).
     """
     return bool(getattr(getattr(trainer, "validate_loop", None), "inference_mode", True))
+
+
+def base_batch_to_device(strategy: Any) -> bool:
+    """Whether ``strategy`` moves batches with the base ``Strategy.batch_to_device`` (no strategy-specific override).
+
+    There is no public way to ask; the method's defining module tells, for either Lightning namespace. A strategy
+    that overrides it (or a renamed module after an upgrade) makes this False, so batches take the full hook path:
+    slower, never wrong.
+
+    Args:
+        strategy: ``trainer.strategy``.
+
+    Returns:
+        True when the method is the base class's.
+    """
+    method = getattr(type(strategy), "batch_to_device", None)
+    module = getattr(method, "__module__", None)
+    return module in ("lightning.pytorch.strategies.strategy", "pytorch_lightning.strategies.strategy")
+
+
+def is_unrepeated_sampler(sampler: Any) -> bool:
+    """Whether ``sampler`` is Lightning's ``UnrepeatedDistributedSampler`` (or its wrapper), which never pads.
+
+    Both are ``DistributedSampler`` subclasses in ``overrides/distributed.py`` of either Lightning namespace; the
+    class name is compared so that the standalone ``pytorch_lightning`` package is never imported.
+
+    Args:
+        sampler: A DataLoader's sampler.
+
+    Returns:
+        True for ``UnrepeatedDistributedSampler`` and ``UnrepeatedDistributedSamplerWrapper``.
+    """
+    return type(sampler).__name__.startswith("Unrepeated")
+
+
+def is_tensorboard_logger(logger: Any) -> bool:
+    """Whether ``logger`` is a ``TensorBoardLogger`` of either Lightning namespace.
+
+    The class name is compared so that the standalone ``pytorch_lightning`` package is never imported (importing it
+    re-routes Lightning's log messages).
+
+    Args:
+        logger: One of ``trainer.loggers``.
+
+    Returns:
+        True for a ``TensorBoardLogger``.
+    """
+    return type(logger).__name__ == "TensorBoardLogger"

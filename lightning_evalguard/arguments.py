@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from torch.utils.data import DataLoader
+from torchmetrics import Metric, MetricCollection
 
 __all__ = [
+    "GuardMode",
     "check_batch_size",
     "check_bool",
     "check_dataloader",
     "check_eval_transform",
     "check_every_n_epochs",
     "check_forward",
+    "check_guards",
     "check_limit_batches",
+    "check_metrics",
     "check_positive_int",
     "check_running",
+    "check_seed",
     "check_str",
 ]
+
+GuardMode = Literal["raise", "warn", "off"]
 
 
 def _got(value: Any) -> str:
@@ -138,9 +145,7 @@ def check_dataloader(value: Any) -> Any:
     """
     if value is None or isinstance(value, DataLoader) or callable(value):
         return value
-    raise TypeError(
-        f"`dataloader` must be a DataLoader, a callable (trainer) -> DataLoader, or None ({_got(value)})."
-    )
+    raise TypeError(f"`dataloader` must be a DataLoader, a callable (trainer) -> DataLoader, or None ({_got(value)}).")
 
 
 def check_forward(value: Any) -> Any:
@@ -187,3 +192,87 @@ def check_running(value: Any, names: list[str], name: str = "running") -> dict[s
         if not any(f"/{known}/" in f"/{metric}/" for known in names):
             raise ValueError(f"`{name}` names metric {metric!r}, which is not among the metrics {names}.")
     return dict(value)
+
+
+def check_guards(value: Any) -> GuardMode:
+    """Check ``guards``: ``"raise"``, ``"warn"`` or ``"off"``.
+
+    Raises:
+        TypeError: If it is not a string.
+        ValueError: If it is a string other than those three.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"`guards` must be 'raise', 'warn' or 'off' ({_got(value)}).")
+    if value not in ("raise", "warn", "off"):
+        raise ValueError(f"`guards` must be 'raise', 'warn' or 'off' (got {value!r}).")
+    return value  # type: ignore[return-value]
+
+
+#: The seeds numpy accepts: EvalGuard seeds torch, numpy and Python's RNGs with the same value.
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def check_seed(value: Any) -> int:
+    """Check ``seed``: an int in [0, 2**32 - 1], the range every RNG EvalGuard seeds accepts (numpy's is the narrowest).
+
+    Raises:
+        TypeError: If it is not an int.
+        ValueError: If it is outside [0, 2**32 - 1].
+    """
+    if not _is_int(value):
+        raise TypeError(f"`seed` must be an int in [0, 2**32 - 1] ({_got(value)}).")
+    low, high = SEED_RANGE
+    if not low <= value <= high:
+        raise ValueError(f"`seed` must be an int in [0, 2**32 - 1] (got {value}): numpy's RNG accepts no other seed.")
+    return int(value)
+
+
+def _check_not_a_metric_class(name: str, value: Any) -> None:
+    if isinstance(value, type) and issubclass(value, (Metric, MetricCollection)):
+        raise TypeError(
+            f"`{name}` must be a torchmetrics Metric object, but got the class {value.__name__} itself: instantiate it,"
+            f" e.g. {value.__name__}(...) with its arguments (such as num_classes=)."
+        )
+
+
+def check_metrics(metrics: Any) -> MetricCollection:
+    """Check ``metrics`` and turn it into a private ``MetricCollection`` of clones.
+
+    The user's metric objects are never updated: each is cloned. Names are the mapping's keys, or for a single
+    ``Metric`` or a ``MetricCollection`` the names ``MetricCollection`` gives them (class name, prefix, postfix).
+
+    Args:
+        metrics: A ``Metric``, a ``MetricCollection`` or a mapping of names to ``Metric`` objects.
+
+    Returns:
+        A new ``MetricCollection`` holding clones of the metrics.
+
+    Raises:
+        TypeError: If ``metrics`` is of another type, or a mapping holds a key that is not a string or a value that
+            is not a ``Metric``.
+        ValueError: If the mapping is empty or a name is empty or contains ``"."``.
+    """
+    _check_not_a_metric_class("metrics", metrics)
+    if isinstance(metrics, MetricCollection):
+        return metrics.clone()
+    if isinstance(metrics, Metric):
+        return MetricCollection(metrics.clone())
+    if isinstance(metrics, Mapping):
+        if not metrics:
+            raise ValueError("`metrics` must hold at least one metric (got an empty mapping).")
+        for name, metric in metrics.items():
+            if not isinstance(name, str):
+                raise TypeError(f"`metrics` keys must be str (got {name!r} that is a {type(name).__name__}).")
+            if not name or "." in name:
+                raise ValueError(f"`metrics` keys must be non-empty and contain no '.' (got {name!r}).")
+            _check_not_a_metric_class(f"metrics[{name!r}]", metric)
+            if not isinstance(metric, Metric):
+                raise TypeError(
+                    f"`metrics[{name!r}]` must be a torchmetrics.Metric (got {metric!r} that is a"
+                    f" {type(metric).__name__})."
+                )
+        return MetricCollection({name: metric.clone() for name, metric in metrics.items()})
+    raise TypeError(
+        "`metrics` must be a torchmetrics Metric, a MetricCollection or a mapping of names to Metric objects"
+        f" (got {metrics!r} that is a {type(metrics).__name__})."
+    )

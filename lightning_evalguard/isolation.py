@@ -7,8 +7,10 @@ the dataset's transform.
 
 from __future__ import annotations
 
+import copy
 import random
-from collections.abc import Iterator, Sequence
+import types
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -23,12 +25,14 @@ if TYPE_CHECKING:
 __all__ = [
     "accelerator_rng_states",
     "seed_accelerator_rngs",
-    "broadcast_buffers",
     "preserved_generator",
     "eval_mode",
     "find_attribute_holders",
+    "find_generators",
     "isolated_rng",
     "preserved_buffers",
+    "preserved_generators",
+    "reseed",
     "swapped_attribute",
     "trainer_not_training",
 ]
@@ -178,34 +182,6 @@ def preserved_generator(generator: torch.Generator | None) -> Iterator[None]:
         generator.set_state(state)
 
 
-def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
-    """Copy rank ``src``'s buffers into every rank's module (no-op without an initialised process group).
-
-    After the last training step each DDP rank has updated its BatchNorm running statistics on its own batch, so
-    the ranks hold slightly different models. Broadcasting rank 0's buffers makes every rank evaluate the model a
-    checkpoint would save. Call it inside ``preserved_buffers`` so each rank gets its own buffers back.
-
-    Args:
-        module: The module whose buffers are overwritten in place.
-        src: The rank whose buffers are kept.
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if torch.distributed.get_world_size() < 2:
-        return
-    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for buffer in module.buffers():
-        groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
-    with torch.no_grad():
-        for buffers in groups.values():  # one collective per dtype and device, not one per buffer
-            flat = torch.cat([buffer.reshape(-1) for buffer in buffers])
-            torch.distributed.broadcast(flat, src=src)
-            offset = 0
-            for buffer in buffers:
-                buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
-                offset += buffer.numel()
-
-
 @contextmanager
 def trainer_not_training(trainer: pl.Trainer) -> Iterator[None]:
     """Make ``trainer.training`` False for the block, then restore the trainer's previous stage.
@@ -279,3 +255,116 @@ def swapped_attribute(holders: Sequence[Any], attr: str, value: Any) -> Iterator
     finally:
         for holder, original in originals:
             setattr(holder, attr, original)
+
+
+def reseed(seed: int, generator: torch.Generator | None = None) -> None:
+    """Seed the global torch, numpy and Python RNGs, and ``generator`` when given.
+
+    Only the generators that ``isolated_rng`` restores are seeded: torch's CPU generator, and the accelerators' (CUDA
+    and XPU once initialised, MPS when available). ``torch.manual_seed`` would also queue a seed for CUDA's lazy
+    initialisation when it has not happened yet, which nothing would put back.
+
+    Args:
+        seed: The seed.
+        generator: A loader's own generator (its worker seeds derive from it).
+    """
+    torch.default_generator.manual_seed(seed)
+    seed_accelerator_rngs(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    if generator is not None:
+        generator.manual_seed(seed)
+
+
+#: Containers longer than this are data (samples, paths, labels), not configuration: the generator search skips them.
+_MAX_SEARCHED_ITEMS = 256
+
+
+def _generator_state(generator: Any) -> tuple[Callable[[], Any], Callable[[Any], Any]] | None:
+    # (get, set) of a random generator object's state, or None when ``generator`` is none of the four kinds.
+    if isinstance(generator, torch.Generator):
+        return generator.get_state, generator.set_state
+    if isinstance(generator, np.random.Generator):
+        bit_generator = generator.bit_generator
+        return lambda: bit_generator.state, lambda state: setattr(bit_generator, "state", state)
+    if isinstance(generator, np.random.RandomState):
+        return generator.get_state, generator.set_state
+    if isinstance(generator, random.Random):
+        return generator.getstate, generator.setstate
+    return None
+
+
+def find_generators(*roots: Any) -> list[Any]:
+    """The random generators reachable from ``roots``: torch and numpy generators, ``RandomState``, ``random.Random``.
+
+    Augmentation objects may keep their own generator (albumentations' ``A.Compose(..., seed=...)``, a transform
+    holding ``np.random.default_rng()``), which restoring the global RNG states does not put back. The search follows
+    attributes (``__dict__`` and ``__slots__``), mappings, lists, tuples and sets; it skips tensors, arrays, strings,
+    numbers, classes, functions and modules, and containers of more than 256 items (data, not configuration). In an
+    ``nn.Module`` it follows the submodules and the attributes whose names do not start with ``_``.
+
+    Args:
+        *roots: Where to search, e.g. a dataset.
+
+    Returns:
+        Each generator once, in the order found.
+    """
+    found: list[Any] = []
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if id(node) in seen or node is None:
+            continue
+        seen.add(id(node))
+        if _generator_state(node) is not None:
+            found.append(node)
+            continue
+        if isinstance(node, (str, bytes, int, float, complex, bool, torch.Tensor, np.ndarray, type)):
+            continue
+        if callable(node) and not hasattr(node, "__dict__"):  # builtins
+            continue
+        if isinstance(node, Mapping):
+            if len(node) <= _MAX_SEARCHED_ITEMS:
+                stack.extend(node.values())
+            continue
+        if isinstance(node, (list, tuple, set, frozenset)):
+            if len(node) <= _MAX_SEARCHED_ITEMS:
+                stack.extend(node)
+            continue
+        if isinstance(node, (types.FunctionType, types.MethodType, types.ModuleType)):
+            continue
+        attributes = getattr(node, "__dict__", None)
+        if isinstance(node, nn.Module):  # its submodules and public attributes: not the Trainer, hooks or tensors
+            stack.extend(node._modules.values())
+            attributes = {key: value for key, value in node.__dict__.items() if not key.startswith("_")}
+        if isinstance(attributes, dict):
+            stack.extend(attributes.values())
+        for slot in getattr(type(node), "__slots__", ()):
+            if isinstance(slot, str):
+                stack.append(getattr(node, slot, None))
+    return found
+
+
+@contextmanager
+def preserved_generators(*roots: Any) -> Iterator[None]:
+    """Save the state of every random generator reachable from ``roots`` (see :func:`find_generators`) and put it back.
+
+    So a pass that runs the training transform (pass C, the guards' draws with augmentation still on) leaves an
+    augmentation object with its own generator exactly as it found it, and training draws what it would have drawn.
+
+    Args:
+        *roots: Where to search, e.g. the dataset a pass reads.
+
+    Yields:
+        None.
+    """
+    saved = []
+    for generator in find_generators(*roots):
+        get, put = _generator_state(generator)  # type: ignore[misc]
+        saved.append((put, copy.deepcopy(get())))
+    try:
+        yield
+    finally:
+        for put, state in saved:
+            put(state)

@@ -1,4 +1,4 @@
-"""Metric normalisation and naming, running-key resolution, and the gap arithmetic."""
+"""Metric naming: the values a collection computes as scalars, logged keys, and where reference values are looked up."""
 
 from __future__ import annotations
 
@@ -8,55 +8,17 @@ from typing import Any
 import torch
 from torchmetrics import Metric, MetricCollection
 
+from lightning_evalguard.errors import add_note
+
 __all__ = [
-    "clean_collection",
+    "check_fits",
     "flatten_scalars",
     "is_micro_accuracy",
+    "micro_accuracy_names",
     "join_key",
     "running_candidates",
     "validation_candidates",
 ]
-
-
-def clean_collection(metrics: Any) -> MetricCollection:
-    """Turn the user's ``metrics`` argument into a private ``MetricCollection`` of clones.
-
-    The user's metric objects are never updated: each is cloned. Names are the mapping's keys, or for a single
-    ``Metric`` or a ``MetricCollection`` the names ``MetricCollection`` gives them (class name, prefix, postfix).
-
-    Args:
-        metrics: A ``Metric``, a ``MetricCollection`` or a mapping of names to ``Metric`` objects.
-
-    Returns:
-        A new ``MetricCollection`` holding clones of the metrics.
-
-    Raises:
-        TypeError: If ``metrics`` is of another type, or a mapping holds a key that is not a string or a value that
-            is not a ``Metric``.
-        ValueError: If the mapping is empty or a name is empty or contains ``"."``.
-    """
-    if isinstance(metrics, MetricCollection):
-        return metrics.clone()
-    if isinstance(metrics, Metric):
-        return MetricCollection(metrics.clone())
-    if isinstance(metrics, Mapping):
-        if not metrics:
-            raise ValueError("`metrics` must hold at least one metric (got an empty mapping).")
-        for name, metric in metrics.items():
-            if not isinstance(name, str):
-                raise TypeError(f"`metrics` keys must be str (got {name!r} that is a {type(name).__name__}).")
-            if not name or "." in name:
-                raise ValueError(f"`metrics` keys must be non-empty and contain no '.' (got {name!r}).")
-            if not isinstance(metric, Metric):
-                raise TypeError(
-                    f"`metrics[{name!r}]` must be a torchmetrics.Metric (got {metric!r} that is a"
-                    f" {type(metric).__name__})."
-                )
-        return MetricCollection({name: metric.clone() for name, metric in metrics.items()})
-    raise TypeError(
-        "`metrics` must be a torchmetrics Metric, a MetricCollection or a mapping of names to Metric objects"
-        f" (got {metrics!r} that is a {type(metrics).__name__})."
-    )
 
 
 def flatten_scalars(computed: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -104,6 +66,18 @@ def is_micro_accuracy(metric: Metric) -> bool:
     return isinstance(metric, MulticlassAccuracy) and getattr(metric, "average", None) == "micro"
 
 
+def micro_accuracy_names(metrics: MetricCollection) -> list[str]:
+    """The names of the micro-averaged accuracies in ``metrics`` (see :func:`is_micro_accuracy`).
+
+    Args:
+        metrics: A collection.
+
+    Returns:
+        Their names, as the collection computes them.
+    """
+    return [str(name) for name, metric in metrics.items(keep_base=False) if is_micro_accuracy(metric)]
+
+
 def running_candidates(name: str) -> list[str]:
     """The ``trainer.callback_metrics`` keys looked up, in order, for the running value of metric ``name``.
 
@@ -138,3 +112,39 @@ def join_key(*parts: str | None) -> str:
         The key, e.g. ``"evalguard/clean/acc"``.
     """
     return "/".join(part for part in parts if part)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"a {type(value).__name__}"
+
+
+def check_fits(metrics: MetricCollection, preds: Any, target: Any) -> None:
+    """Update a clone of each metric with one batch's ``(preds, target)``, so a metric that does not fit fails now.
+
+    Args:
+        metrics: The metrics (never updated: each is cloned).
+        preds: The first clean batch's predictions, as the passes give them.
+        target: Its targets.
+
+    Raises:
+        Exception: The metric's own error (torchmetrics' ``ValueError`` or ``RuntimeError``), with a note naming the
+            metric and the shapes and dtypes of ``preds`` and ``target``.
+    """
+    for name, metric in metrics.items(keep_base=False):
+        probe = metric.clone()
+        if isinstance(preds, torch.Tensor):
+            probe = probe.to(preds.device)
+        try:
+            probe.reset()  # as before every pass
+            probe.update(preds, target)
+        except Exception as exc:
+            add_note(
+                exc,
+                f"EvalGuard updated a clone of metric {name!r} ({type(metric).__name__}) with the first clean batch"
+                f" before training: preds {_describe(preds)}, target {_describe(target)}. Pass metrics that accept"
+                " the model's outputs (e.g. the right num_classes or task), or `forward=` returning the (preds, target)"
+                " they expect.",
+            )
+            raise

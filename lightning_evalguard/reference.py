@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lightning_evalguard._lightning import logged_flags
+from lightning_evalguard.distributed import from_rank_zero
 from lightning_evalguard.metrics import running_candidates, validation_candidates
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ class References:
                     " the last batch's value, not the epoch's. Log it with"
                     f" `self.log({key!r}, ..., on_epoch=True)` in training_step.",
                 )
-        return _same_on_every_rank(trainer, values)
+        return from_rank_zero(trainer, values)  # rank-local values differ when logged without sync_dist
 
     def validation_values(self, trainer: pl.Trainer, names: Iterable[str]) -> dict[str, float]:
         """The validation value of each metric found, the same on every rank.
@@ -112,7 +113,7 @@ class References:
             key = next((key for key in self.validation_candidates(name) if key in callback_metrics), None)
             if key is not None:
                 values[name] = float(callback_metrics[key])
-        return _same_on_every_rank(trainer, values)
+        return from_rank_zero(trainer, values)  # rank-local values differ when logged without sync_dist
 
     def check_after_epoch(self, trainer: pl.Trainer, warn: Warn) -> None:
         """After the epoch's hooks: warn about running keys that were missing, or written after they were read.
@@ -148,14 +149,6 @@ class References:
     def forget(self) -> None:
         """Drop what was read (a new fit starts)."""
         self._read = {}
-
-
-def _same_on_every_rank(trainer: pl.Trainer, values: dict[str, float]) -> dict[str, float]:
-    # Rank-local values differ when they were logged without sync_dist; take rank 0's, which the logger writes.
-    if trainer.world_size > 1:
-        broadcast: Any = trainer.strategy.broadcast(values, src=0)
-        return dict(broadcast)
-    return values
 
 
 def _same(a: float, b: float | None) -> bool:

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.utilities import rank_zero_only
+
+from lightning_evalguard._lightning import is_tensorboard_logger
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 __all__ = [
     "EFFECT_LABELS",
     "format_value",
+    "print_summary",
     "reading",
     "render_summary",
     "summary_rows",
     "summary_text",
     "tensorboard_layout",
+    "write_tensorboard_layout",
 ]
 
 #: Effect kinds (the ``<prefix>/effect/<kind>/<name>`` keys) and how the reading names them.
@@ -96,9 +106,7 @@ def reading(
     return sentence + "."
 
 
-def summary_rows(
-    names: Sequence[str], last: Mapping[str, Mapping[str, float]]
-) -> list[dict[str, str]]:
+def summary_rows(names: Sequence[str], last: Mapping[str, Mapping[str, float]]) -> list[dict[str, str]]:
     """Rows of the summary table, one per metric, from the last evaluated epoch.
 
     Args:
@@ -111,6 +119,7 @@ def summary_rows(
     """
     rows = []
     for name in names:
+
         def get(group: str, metric: str = name) -> float | None:
             return last.get(group, {}).get(metric)
 
@@ -199,6 +208,7 @@ def tensorboard_layout(
     Returns:
         ``{category: {chart title: ["Multiline", [tag regexes]]}}`` for ``SummaryWriter.add_custom_scalars``.
     """
+
     def key(*parts: str) -> str:
         return "/".join(part for part in (prefix, *parts) if part)
 
@@ -214,3 +224,41 @@ def tensorboard_layout(
             effects = [f"^{re.escape(key('effect', kind, name))}$" for kind in EFFECT_LABELS]
             charts[f"{name}: the gap's causes"] = ["Multiline", [f"^{re.escape(key('gap', name))}$", *effects]]
     return {prefix or "evalguard": charts}
+
+
+def write_tensorboard_layout(trainer: pl.Trainer, layout: Any) -> None:
+    """Give every attached TensorBoardLogger the custom-scalars dashboard ``layout`` (rank zero only).
+
+    Other loggers are left untouched.
+
+    Args:
+        trainer: The Trainer.
+        layout: What :func:`tensorboard_layout` returned.
+    """
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if not is_tensorboard_logger(logger):
+            continue
+        writer: Any = getattr(logger, "experiment", None)
+        if hasattr(writer, "add_custom_scalars"):
+            writer.add_custom_scalars(layout)
+
+
+@rank_zero_only
+def print_summary(rows: list[dict[str, str]]) -> None:
+    """Print the end-of-fit summary on rank zero: a rich table in a terminal, plain text elsewhere.
+
+    The summary is the one thing EvalGuard prints (``print_summary=False`` turns it off). In log files and pipes rich
+    would cut the table at 80 columns, so they get :func:`summary_text`.
+
+    Args:
+        rows: What :func:`summary_rows` returned.
+    """
+    rendered = render_summary(rows) if sys.stdout.isatty() else summary_text(rows)
+    if isinstance(rendered, str):
+        print(rendered)
+    else:
+        from rich.console import Console
+
+        Console().print(rendered)

@@ -17,11 +17,11 @@ from torchmetrics.classification import MulticlassAccuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from distributed_helpers import CountSamples, MeanLogit, SameOnEveryRank
+from distributed_helpers import LogitSum, SameOnEveryRank
 
 from lightning_evalguard import EvalGuard
 
-from helpers import NUM_CLASSES, Classifier, NumpyNoise, TensorData, loader, make_tensors
+from helpers import NUM_CLASSES, Classifier, CountSamples, NumpyNoise, TensorData, loader, make_tensors
 
 
 def main() -> None:
@@ -30,7 +30,11 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     x, y = make_tensors(65)
     guard = EvalGuard(
-        {"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro"), "n": CountSamples(), "logit": MeanLogit()},
+        {
+            "acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro"),
+            "n": CountSamples(),
+            "logit": LogitSum(),
+        },
         eval_transform=nn.Identity(),
         batch_size=8,
         limit_batches=None if limit == "none" else float(limit),

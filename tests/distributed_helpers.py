@@ -11,14 +11,7 @@ import torch
 from torchmetrics import SumMetric
 
 
-class CountSamples(SumMetric):
-    """Counts samples: update(preds, target) adds len(target)."""
-
-    def update(self, preds: Any, target: Any) -> None:  # type: ignore[override]
-        super().update(torch.tensor(float(len(target)), device=self.device))
-
-
-class MeanLogit(SumMetric):
+class LogitSum(SumMetric):
     """Sums the first logit of every sample: sensitive to any difference in weights or BatchNorm statistics."""
 
     def update(self, preds: Any, target: Any) -> None:  # type: ignore[override]

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_evalguard import EvalGuard
@@ -50,6 +51,30 @@ class TensorData(Dataset):
         if self.transform is not None:
             x = self.transform(x)
         return x, self.y[index]
+
+
+def micro_accuracy() -> MulticlassAccuracy:
+    """A fresh MulticlassAccuracy over NUM_CLASSES, micro-averaged: the fraction of correct samples."""
+    return MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
+
+
+def macro_accuracy() -> MulticlassAccuracy:
+    """A fresh MulticlassAccuracy over NUM_CLASSES with torchmetrics' default average, macro: the mean per-class recall."""
+    return MulticlassAccuracy(num_classes=NUM_CLASSES)
+
+
+class MeanLogit(MeanMetric):
+    """The mean first logit over the samples: a continuous value, sensitive to any change of the forward."""
+
+    def update(self, preds: Any, target: Any) -> None:  # type: ignore[override]
+        super().update(preds[:, 0])
+
+
+class CountSamples(SumMetric):
+    """Counts samples: update(preds, target) adds len(target)."""
+
+    def update(self, preds: Any, target: Any) -> None:  # type: ignore[override]
+        super().update(torch.tensor(float(len(target)), device=self.device))
 
 
 def build_net(kind: str) -> nn.Module:
@@ -97,6 +122,23 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
+class Validates(Classifier):
+    """A Classifier logging its validation accuracy under ``key``: the batch mean, or with ``metric`` a micro metric."""
+
+    def __init__(self, kind: str = "both", key: str = "val_acc", metric: bool = False) -> None:
+        super().__init__(kind)
+        self.key = key
+        self.val_acc = micro_accuracy() if metric else None
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        if self.val_acc is None:
+            self.log(self.key, (self(x).argmax(1) == y).float().mean())
+        else:
+            self.val_acc(self(x), y)
+            self.log(self.key, self.val_acc)
+
+
 class HooklessClassifier(Classifier):
     """A Classifier without batch-transfer hooks: batches reach it the default way."""
 
@@ -140,9 +182,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return value
 
 
-acc_metric = MulticlassAccuracy
-
-
 def assert_training_unchanged_by(
     tmp_path: Any,
     make_callback: Callable[[], pl.Callback],
@@ -173,13 +212,32 @@ def assert_training_unchanged_by(
     return callback
 
 
+def clean_sources(guard: EvalGuard) -> list[Any]:
+    """The clean sources (``sources.CleanSource``) the guard built for its last fit.
+
+    EvalGuard keeps its sources, metric clones and caches private. Tests that inspect them read them through this
+    function and :func:`metric_clones` only, so a change of the callback's internals is mended here, in one place.
+    """
+    return list(guard._data.sources or [])
+
+
+def metric_clones(guard: EvalGuard) -> dict[str | None, Any]:
+    """The guard's metric clones (``MetricCollection``) by source name, as its last pass left them (see above)."""
+    return guard._passes.metrics()
+
+
+def metric_template(guard: EvalGuard) -> Any:
+    """The ``MetricCollection`` the guard clones for every pass, never updated (see :func:`clean_sources`)."""
+    return guard._passes.template
+
+
 class CacheWatcher(EvalGuard):
     """Records its caches at the end of fit, before teardown frees them: (device, [(input dtype, device type)])."""
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.seen = [
             (source.cache.device, [(batch[0].dtype, batch[0].device.type) for batch in source.cache.batches or []])
-            for source in self._sources or []
+            for source in clean_sources(self)
             if source.cache is not None
         ]
         super().on_fit_end(trainer, pl_module)

@@ -9,9 +9,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_evalguard import EvalGuard
 
-
-def acc() -> MulticlassAccuracy:
-    return MulticlassAccuracy(num_classes=3)
+from helpers import macro_accuracy, metric_template
 
 
 @pytest.mark.parametrize(
@@ -20,7 +18,7 @@ def acc() -> MulticlassAccuracy:
         ({"metrics": "accuracy"}, TypeError, r"`metrics` must be .*got 'accuracy' that is a str"),
         ({"metrics": {"acc": "accuracy"}}, TypeError, r"`metrics\['acc'\]` must be a torchmetrics.Metric"),
         ({"metrics": {}}, ValueError, r"`metrics` must hold at least one metric"),
-        ({"metrics": {"a.b": acc()}}, ValueError, r"`metrics` keys must be non-empty and contain no '.'"),
+        ({"metrics": {"a.b": macro_accuracy()}}, ValueError, r"`metrics` keys must be non-empty and contain no '.'"),
         ({"every_n_epochs": 0}, ValueError, r"`every_n_epochs` must be an int >= 1 \(got 0\)"),
         ({"every_n_epochs": 1.0}, TypeError, r"`every_n_epochs` must be an int >= 1 \(got 1.0 that is a float\)"),
         ({"limit_batches": 0}, ValueError, r"`limit_batches` must be an int >= 1 .*\(got 0\)"),
@@ -42,6 +40,21 @@ def acc() -> MulticlassAccuracy:
         ({"prefix": None}, TypeError, r"`prefix` must be a str \(got None that is a NoneType\)"),
         ({"seed": "0"}, TypeError, r"`seed` must be an int"),
         ({"guards": "strict"}, ValueError, r"`guards` must be 'raise', 'warn' or 'off' \(got 'strict'\)"),
+        (
+            {"metrics": MulticlassAccuracy},
+            TypeError,
+            r"`metrics` must be a torchmetrics Metric object, but got the class MulticlassAccuracy itself: instantiate it",
+        ),
+        (
+            {"metrics": {"acc": MulticlassAccuracy}},
+            TypeError,
+            r"`metrics\['acc'\]` must be a torchmetrics Metric object, but got the class MulticlassAccuracy",
+        ),
+        ({"guards": True}, TypeError, r"`guards` must be 'raise', 'warn' or 'off' \(got True that is a bool\)"),
+        ({"guards": None}, TypeError, r"`guards` must be 'raise', 'warn' or 'off' \(got None that is a NoneType\)"),
+        ({"seed": -1}, ValueError, r"`seed` must be an int in \[0, 2\*\*32 - 1\] \(got -1\)"),
+        ({"seed": 2**32}, ValueError, r"`seed` must be an int in \[0, 2\*\*32 - 1\] \(got 4294967296\)"),
+        ({"seed": 2**40}, ValueError, r"`seed` must be an int in \[0, 2\*\*32 - 1\]"),
         ({"decompose": "yes"}, TypeError, r"`decompose` must be a bool \(got 'yes' that is a str\)"),
         ({"print_summary": 1}, TypeError, r"`print_summary` must be a bool \(got 1 that is a int\)"),
         ({"val": ["val_acc"]}, TypeError, r"`val` must be a mapping .*got \['val_acc'\] that is a list"),
@@ -49,23 +62,23 @@ def acc() -> MulticlassAccuracy:
     ],
 )
 def test_wrong_argument_raises_naming_it(kwargs, error, match):
-    arguments = {"metrics": {"acc": acc()}, **kwargs}
+    arguments = {"metrics": {"acc": macro_accuracy()}, **kwargs}
     metrics = arguments.pop("metrics")
     with pytest.raises(error, match=match):
         EvalGuard(metrics, **arguments)
 
 
 def test_metric_names_follow_metric_collection():
-    assert EvalGuard(acc()).metric_names == ["MulticlassAccuracy"]
-    collection = MetricCollection([acc()], prefix="p_")
+    assert EvalGuard(macro_accuracy()).metric_names == ["MulticlassAccuracy"]
+    collection = MetricCollection([macro_accuracy()], prefix="p_")
     assert EvalGuard(collection).metric_names == ["p_MulticlassAccuracy"]
-    assert sorted(EvalGuard({"acc": acc(), "top": acc()}).metric_names) == ["acc", "top"]
+    assert sorted(EvalGuard({"acc": macro_accuracy(), "top": macro_accuracy()}).metric_names) == ["acc", "top"]
 
 
 def test_user_metric_objects_are_cloned_not_shared():
-    metric = acc()
+    metric = macro_accuracy()
     guard = EvalGuard({"acc": metric})
-    clone = guard._template["acc"]
+    clone = metric_template(guard)["acc"]
     assert clone is not metric
     clone.update(torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([0]))
     assert not metric.update_called
@@ -73,9 +86,9 @@ def test_user_metric_objects_are_cloned_not_shared():
 
 def test_valid_arguments_are_kept():
     guard = EvalGuard(
-        {"acc": acc()}, every_n_epochs=3, limit_batches=0.5, batch_size=32, prefix="eg", running={"acc": "t"}
+        {"acc": macro_accuracy()}, every_n_epochs=3, limit_batches=0.5, batch_size=32, prefix="eg", running={"acc": "t"}
     )
     assert (guard.every_n_epochs, guard.limit_batches, guard.batch_size, guard.prefix) == (3, 0.5, 32, "eg")
     assert guard.running == {"acc": "t"}
-    assert EvalGuard(acc(), limit_batches=1.0).limit_batches == 1.0
-    assert EvalGuard(acc(), limit_batches=4).limit_batches == 4
+    assert EvalGuard(macro_accuracy(), limit_batches=1.0).limit_batches == 1.0
+    assert EvalGuard(macro_accuracy(), limit_batches=4).limit_batches == 4

@@ -14,7 +14,18 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_evalguard import EvalGuard
 
-from helpers import NUM_CLASSES, Classifier, NoTraining, NumpyNoise, TensorData, accuracy, loader, make_tensors, trainer
+from helpers import (
+    NUM_CLASSES,
+    Classifier,
+    NoTraining,
+    NumpyNoise,
+    TensorData,
+    accuracy,
+    loader,
+    make_tensors,
+    metric_clones,
+    trainer,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:EvalGuard found no running metric")
 
@@ -46,7 +57,7 @@ def inputs_forward(module: pl.LightningModule, batch: Any) -> tuple[torch.Tensor
 
 
 def recorder_of(guard: EvalGuard) -> Recorder:
-    (collection,) = guard._metrics.values()
+    (collection,) = metric_clones(guard).values()
     return collection["seen"]
 
 
@@ -54,6 +65,13 @@ def fit(tmp_path: Any, guard: EvalGuard, model: pl.LightningModule | None = None
     pl_trainer = trainer(tmp_path, max_epochs=kwargs.pop("max_epochs", 1), callbacks=[guard])
     pl_trainer.fit(model or Classifier("linear"), **kwargs)
     return pl_trainer
+
+
+class WithValidation(Classifier):
+    """A Classifier with an empty validation step: Lightning runs validation, which logs nothing."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        pass
 
 
 def test_rebuilt_loader_sets_eval_transform_through_subset_and_concat_and_puts_it_back(tmp_path):
@@ -71,10 +89,6 @@ def test_rebuilt_loader_sets_eval_transform_through_subset_and_concat_and_puts_i
 def test_eval_transform_val_takes_the_validation_dataset_transform(tmp_path):
     x, y = make_tensors(24)
     train, val = TensorData(x, y, Tag(100.0)), TensorData(x, y, Tag(0.25))
-
-    class WithValidation(Classifier):
-        def validation_step(self, batch: Any, batch_idx: int) -> None:
-            pass
 
     guard = EvalGuard({"seen": Recorder()}, eval_transform="val", forward=inputs_forward)
     model = WithValidation("linear")
@@ -238,11 +252,6 @@ def test_forward_runs_under_the_precision_context(tmp_path):
     assert autocast == [True]
 
 
-class CountSamples(SumMetric):
-    def update(self, preds: Any, target: Any) -> None:  # type: ignore[override]
-        super().update(torch.tensor(float(len(target))))
-
-
 class IndexData(TensorData):
     """Returns (x, y, index), so a metric can record which samples the pass saw."""
 
@@ -322,7 +331,9 @@ def test_iterable_training_set_fails_before_the_first_training_step(tmp_path):
     x, y = make_tensors(32)
     model = NoTraining("linear")
     guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, limit_batches=0.5)
-    with pytest.raises(ValueError, match=r"IterableDataset.*dataloader=.*clean_train_dataloader\(\).*int `limit_batches"):
+    with pytest.raises(
+        ValueError, match=r"IterableDataset.*dataloader=.*clean_train_dataloader\(\).*int `limit_batches"
+    ):
         fit(tmp_path, guard, model, train_dataloaders=DataLoader(Stream(x, y), batch_size=8))
 
 
@@ -348,7 +359,10 @@ def test_a_training_loader_that_is_not_a_dataloader_fails_before_training(tmp_pa
     batches = Batches()
     model = NoTraining("linear")
     guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)})
-    with pytest.raises(TypeError, match=r"the training loader to switch augmentation off, but it is a Batches, not a torch DataLoader. Pass `dataloader=`"):
+    with pytest.raises(
+        TypeError,
+        match=r"the training loader to switch augmentation off, but it is a Batches, not a torch DataLoader. Pass `dataloader=`",
+    ):
         fit(tmp_path, guard, model, train_dataloaders=batches)
 
 
@@ -360,7 +374,9 @@ def test_batch_size_argument_sets_the_clean_batch_size(tmp_path):
         sizes.append(len(batch[0]))
         return module(batch[0]), batch[1]
 
-    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, batch_size=32, forward=forward, guards="off")
+    guard = EvalGuard(
+        {"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, batch_size=32, forward=forward, guards="off"
+    )
     fit(tmp_path, guard, train_dataloaders=loader(TensorData(x, y), batch_size=4))
     assert sizes == [32, 8]
 
@@ -440,26 +456,46 @@ def test_no_pass_during_validate_test_or_predict(tmp_path):
 def test_dataset_augmentation_is_off_but_numpy_noise_dataset_is_measured_clean(tmp_path):
     x, y = make_tensors(48)
     model = Classifier("both")
-    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")}, eval_transform=nn.Identity())
+    guard = EvalGuard(
+        {"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")}, eval_transform=nn.Identity()
+    )
     fit(tmp_path, guard, model, max_epochs=2, train_dataloaders=loader(TensorData(x, y, NumpyNoise(2.0))))
     assert guard.history[-1]["clean"]["acc"] == pytest.approx(accuracy(model, x, y), abs=1e-6)
 
 
-def test_without_user_batch_hooks_batches_take_the_direct_path(tmp_path, monkeypatch):
-    import lightning_evalguard.clean_pass as clean_pass
+class CountsTransfers(pl.Callback):
+    """Counts the calls of the strategy's batch_to_device (Lightning's hook dispatch) during EvalGuard's pass only."""
 
-    calls: list[int] = []
-    original = clean_pass.prepare_batch
-    monkeypatch.setattr(clean_pass, "prepare_batch", lambda *a: calls.append(1) or original(*a))
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # before EvalGuard's
+        strategy = trainer.strategy
+        original = type(strategy).batch_to_device
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return original(strategy, *args, **kwargs)
+
+        strategy.batch_to_device = counted  # type: ignore[method-assign]
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        del trainer.strategy.batch_to_device  # the class's method again
+
+
+@pytest.mark.parametrize(("hooks", "expected"), [(False, 0), (True, 4)])
+def test_without_user_batch_hooks_batches_take_the_direct_path(tmp_path, hooks, expected):
     x, y = make_tensors(20)
     guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")}, guards="off", batch_size=5)
+
     class NoHooks(Classifier):
         on_after_batch_transfer = pl.LightningModule.on_after_batch_transfer  # Lightning's own, not overridden
 
-    fit(tmp_path, guard, NoHooks("linear"), train_dataloaders=loader(TensorData(x, y)))
-    assert calls == []  # no hook overridden: move_data_to_device directly
-    fit(tmp_path, guard, HookedModule(), train_dataloaders=loader(TensorData(x, y)))
-    assert len(calls) == 4  # hooks overridden: Lightning's dispatch, every batch
+    counter = CountsTransfers()
+    model = HookedModule() if hooks else NoHooks("linear")
+    trainer(tmp_path, max_epochs=1, callbacks=[counter, guard]).fit(model, loader(TensorData(x, y)))
+    # no hook overridden: move_data_to_device directly; hooks overridden: Lightning's dispatch, every batch
+    assert counter.calls == expected
 
 
 def test_a_subset_sampler_restricts_the_clean_pass_to_its_indices(tmp_path):
@@ -488,7 +524,9 @@ def test_an_unknown_sampler_is_warned_about(tmp_path):
 
     train = DataLoader(TensorData(x, y), batch_size=6, sampler=EveryOther())
     guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)})
-    with pytest.warns(UserWarning, match=r"sampler of the training loader is a EveryOther, which EvalGuard does not know"):
+    with pytest.warns(
+        UserWarning, match=r"sampler of the training loader is a EveryOther, which EvalGuard does not know"
+    ):
         fit(tmp_path, guard, train_dataloaders=train)
 
 
@@ -511,10 +549,6 @@ def test_eval_transform_val_refuses_a_validation_set_sharing_the_training_datase
     x, y = make_tensors(40)
     full = TensorData(x, y, Tag(100.0))
     train, val = Subset(full, list(range(30))), Subset(full, list(range(30, 40)))
-
-    class WithValidation(Classifier):
-        def validation_step(self, batch: Any, batch_idx: int) -> None:
-            pass
 
     guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, eval_transform="val")
     pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[guard], num_sanity_val_steps=1)

@@ -3,67 +3,101 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_evalguard import EvalGuard
 
 from helpers import (
-    NUM_CLASSES,
     NUM_FEATURES,
     CacheWatcher,
     Classifier,
     HooklessClassifier,
+    MeanLogit,
     NoTraining,
     NumpyNoise,
     TensorData,
     assert_training_unchanged_by,
+    clean_sources,
     loader,
+    macro_accuracy,
     make_tensors,
+    micro_accuracy,
     trainer,
 )
 
 
-def micro() -> MulticlassAccuracy:
-    return MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
+class EpochEndClock(pl.Callback):
+    """Notes, at each train epoch end, time.perf_counter() and the pass duration logged so far (None before any)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.logged: list[float | None] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.times.append(time.perf_counter())
+        value = trainer.callback_metrics.get("evalguard/time/pass_seconds")
+        self.logged.append(None if value is None else float(value))
 
 
-def test_pass_duration_is_logged(tmp_path):
-    x, y = make_tensors(32)
-    guard = EvalGuard({"acc": micro()})
-    pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=[guard])
+def test_pass_duration_is_logged_in_seconds_each_epoch(tmp_path):
+    naps = [0.005, 0.1]  # what the forward sleeps per clean batch in the passes after epochs 0 and 1
+
+    def slow_forward(module: pl.LightningModule, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        time.sleep(naps[module.current_epoch])
+        return module(batch[0]), batch[1]
+
+    x, y = make_tensors(32)  # two clean batches of 16
+    guard = EvalGuard({"acc": micro_accuracy()}, forward=slow_forward)
+    before, after = EpochEndClock(), EpochEndClock()  # around EvalGuard's epoch-end hook, where the pass runs
+    pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=[before, guard, after])
     pl_trainer.fit(Classifier("linear"), loader(TensorData(x, y)))
-    seconds = float(pl_trainer.callback_metrics["evalguard/time/pass_seconds"])
-    assert 0 < seconds < 60
-    assert seconds == pytest.approx(guard.history[-1]["time"]["pass_seconds"], rel=1e-6)
+    seconds = [entry["time"]["pass_seconds"] for entry in guard.history]
+    assert before.logged == [None, pytest.approx(seconds[0], rel=1e-6)]
+    assert after.logged == pytest.approx(seconds, rel=1e-6)  # each epoch logs its own pass, in the history too
+    assert float(pl_trainer.callback_metrics["evalguard/time/pass_seconds"]) == pytest.approx(seconds[-1], rel=1e-6)
+    for nap, duration, start, end in zip(naps, seconds, before.times, after.times, strict=True):
+        # at least the forward's naps, at most the wall time of the hook: seconds, measured for this pass
+        assert 2 * nap <= duration <= end - start
 
 
 def test_a_progress_bar_shows_during_the_pass_only_when_the_trainers_does(tmp_path, capsys, monkeypatch):
     import sys
 
     x, y = make_tensors(32)
-    trainer(tmp_path, max_epochs=1, callbacks=[EvalGuard({"acc": micro()}, print_summary=False)],
-            enable_progress_bar=True).fit(Classifier("linear"), loader(TensorData(x, y)))
+    trainer(
+        tmp_path,
+        max_epochs=1,
+        callbacks=[EvalGuard({"acc": micro_accuracy()}, print_summary=False)],
+        enable_progress_bar=True,
+    ).fit(Classifier("linear"), loader(TensorData(x, y)))
     assert "EvalGuard clean pass" not in capsys.readouterr().out  # not a terminal: no cursor codes in logs
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    trainer(tmp_path, max_epochs=1, callbacks=[EvalGuard({"acc": micro()}, print_summary=False)],
-            enable_progress_bar=True).fit(Classifier("linear"), loader(TensorData(x, y)))
+    trainer(
+        tmp_path,
+        max_epochs=1,
+        callbacks=[EvalGuard({"acc": micro_accuracy()}, print_summary=False)],
+        enable_progress_bar=True,
+    ).fit(Classifier("linear"), loader(TensorData(x, y)))
     assert "EvalGuard clean pass" in capsys.readouterr().out
-    trainer(tmp_path, max_epochs=1, callbacks=[EvalGuard({"acc": micro()}, print_summary=False)],
-            enable_progress_bar=False).fit(Classifier("linear"), loader(TensorData(x, y)))
+    trainer(
+        tmp_path,
+        max_epochs=1,
+        callbacks=[EvalGuard({"acc": micro_accuracy()}, print_summary=False)],
+        enable_progress_bar=False,
+    ).fit(Classifier("linear"), loader(TensorData(x, y)))
     assert "EvalGuard clean pass" not in capsys.readouterr().out
 
 
 @pytest.mark.filterwarnings("ignore:EvalGuard found no running metric")
 def test_standard_error_is_logged_for_micro_accuracies_on_a_subset(tmp_path):
     x, y = make_tensors(64)
-    metrics = {"acc": micro(), "macro": MulticlassAccuracy(num_classes=NUM_CLASSES, average="macro")}
+    metrics = {"acc": micro_accuracy(), "macro": macro_accuracy()}
     guard = EvalGuard(metrics, limit_batches=0.5)
     pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[guard])
     pl_trainer.fit(Classifier("linear"), loader(TensorData(x, y)))
@@ -72,7 +106,7 @@ def test_standard_error_is_logged_for_micro_accuracies_on_a_subset(tmp_path):
     assert float(pl_trainer.callback_metrics["evalguard/stderr/acc"]) == pytest.approx(math.sqrt(p * (1 - p) / 32))
     assert "evalguard/stderr/macro" not in pl_trainer.callback_metrics
 
-    whole = EvalGuard({"acc": micro()}, limit_batches=1.0)  # the whole set: no sampling error
+    whole = EvalGuard({"acc": micro_accuracy()}, limit_batches=1.0)  # the whole set: no sampling error
     trainer(tmp_path, max_epochs=1, callbacks=[whole]).fit(Classifier("linear"), loader(TensorData(x, y)))
     assert "stderr" not in whole.history[-1]
 
@@ -89,11 +123,6 @@ class CountingData(TensorData):
         return super().__getitem__(index)
 
 
-class MeanLogit(MeanMetric):
-    def update(self, preds: Any, target: Any) -> None:  # type: ignore[override]
-        super().update(preds[:, 0])
-
-
 class InPlaceHook(Classifier):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         batch[0].mul_(1.0 if self.trainer.training else 2.0)  # changes the clean batch in place
@@ -103,7 +132,7 @@ class InPlaceHook(Classifier):
 def run_cached(tmp_path: Any, cache: bool, epochs: int = 3) -> tuple[EvalGuard, CountingData]:
     x, y = make_tensors(48)
     data = CountingData(x, y, NumpyNoise())
-    metrics = {"acc": micro(), "logit": MeanLogit()}
+    metrics = {"acc": micro_accuracy(), "logit": MeanLogit()}
     guard = EvalGuard(metrics, eval_transform=nn.Identity(), cache=cache, limit_batches=0.5, guards="off")
     pl.seed_everything(0, verbose=False)
     model = InPlaceHook("both")
@@ -124,24 +153,29 @@ def test_cached_passes_read_the_dataset_once_and_give_the_same_values(tmp_path):
 
 def test_training_with_a_cache_is_bit_identical(tmp_path):
     guard = assert_training_unchanged_by(
-        tmp_path, lambda: EvalGuard({"acc": micro()}, eval_transform=nn.Identity(), cache=True), seed=1
+        tmp_path, lambda: CacheWatcher({"acc": micro_accuracy()}, eval_transform=nn.Identity(), cache=True), seed=1
     )
-    assert len(guard.history) == 3
+    assert [entry["epoch"] for entry in guard.history] == [0, 1, 2]
+    # the passes did read a cache: the 48 samples' three batches, kept in host memory
+    assert guard.seen == [(None, [(torch.float32, "cpu")] * 3)]
 
 
 def test_a_cache_over_its_budget_is_refused_before_training(tmp_path):
     x, y = make_tensors(48)
     model = NoTraining("linear")
-    guard = EvalGuard({"acc": micro()}, cache=True, cache_max_bytes=1000)
-    with pytest.raises(ValueError, match=r"cache=True\) would keep about 0 MiB of clean batches \(3 batches of .* more than\s+cache_max_bytes=1000"):
+    guard = EvalGuard({"acc": micro_accuracy()}, cache=True, cache_max_bytes=1000)
+    with pytest.raises(
+        ValueError,
+        match=r"cache=True\) would keep about 0 MiB of clean batches \(3 batches of .* more than\s+cache_max_bytes=1000",
+    ):
         trainer(tmp_path, callbacks=[guard]).fit(model, loader(TensorData(x, y)))
 
 
 def test_cache_max_bytes_is_checked_at_construction():
     with pytest.raises(ValueError, match=r"`cache_max_bytes` must be an int >= 1 \(got 0\)"):
-        EvalGuard({"acc": micro()}, cache=True, cache_max_bytes=0)
+        EvalGuard({"acc": micro_accuracy()}, cache=True, cache_max_bytes=0)
     with pytest.raises(TypeError, match=r"`cache` must be a bool"):
-        EvalGuard({"acc": micro()}, cache="yes")
+        EvalGuard({"acc": micro_accuracy()}, cache="yes")
 
 
 STARTS = None
@@ -157,20 +191,24 @@ def test_clean_loader_keeps_its_workers_alive_when_the_training_loader_does(tmp_
 
     global STARTS
     x, y = make_tensors(48)
-    for persistent, expected in ((True, 2), (False, 3 + 2 + 3)):
+    for persistent, expected in ((True, 2), (False, 3 + 3)):
         STARTS = multiprocessing.get_context("fork").Value("i", 0)
         train = torch.utils.data.DataLoader(
-            TensorData(x, y, NumpyNoise()), batch_size=16, num_workers=1, persistent_workers=persistent,
-            multiprocessing_context="fork", worker_init_fn=count_start,
+            TensorData(x, y, NumpyNoise()),
+            batch_size=16,
+            num_workers=1,
+            persistent_workers=persistent,
+            multiprocessing_context="fork",
+            worker_init_fn=count_start,
         )
-        guard = EvalGuard({"acc": micro()}, eval_transform=nn.Identity())
+        guard = EvalGuard({"acc": micro_accuracy()}, eval_transform=nn.Identity())
         trainer(tmp_path, max_epochs=3, callbacks=[guard]).fit(Classifier("linear"), train)
-        # persistent: one start for training, one for the clean loader (guard draws and three passes);
-        # otherwise: each training epoch, the two guard draws, and each of the three passes
+        # persistent: one start for training, one for the clean loader (its three passes); otherwise: each training
+        # epoch and each of the three passes. The fit-start checks produce their batch in the main process.
         assert STARTS.value == expected, persistent
-    decomposed = EvalGuard({"acc": micro()}, eval_transform=nn.Identity(), decompose=True)
+    decomposed = EvalGuard({"acc": micro_accuracy()}, eval_transform=nn.Identity(), decompose=True)
     trainer(tmp_path, max_epochs=1, callbacks=[decomposed]).fit(Classifier("linear"), train)
-    assert not decomposed._sources[0].loader.persistent_workers  # type: ignore[index, attr-defined]
+    assert not clean_sources(decomposed)[0].loader.persistent_workers
 
 
 def batches_of(n: int, size: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -179,7 +217,7 @@ def batches_of(n: int, size: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def test_a_cache_given_a_placement_keeps_the_moved_batches_and_reads_copies():
-    from lightning_evalguard.data import BatchCache, DevicePlacement
+    from lightning_evalguard.cache import BatchCache, DevicePlacement
 
     source = batches_of(12)
     moves = []
@@ -203,7 +241,7 @@ def test_a_cache_given_a_placement_keeps_the_moved_batches_and_reads_copies():
 
 
 def test_a_host_cache_keeps_the_loader_batches():
-    from lightning_evalguard.data import BatchCache
+    from lightning_evalguard.cache import BatchCache
 
     source = batches_of(12)
     cache = BatchCache(max_bytes=1 << 20)
@@ -212,7 +250,7 @@ def test_a_host_cache_keeps_the_loader_batches():
 
 
 def test_a_placement_budget_smaller_than_the_batches_drops_the_cache():
-    from lightning_evalguard.data import BatchCache, DevicePlacement
+    from lightning_evalguard.cache import BatchCache, DevicePlacement
 
     source = batches_of(12)
     cache = BatchCache(max_bytes=1 << 20)
@@ -231,7 +269,7 @@ def cuda_trainer(tmp_path: Any, monkeypatch: Any, free: int) -> pl.Trainer:
 
 
 def test_on_cuda_the_cache_goes_to_the_device_when_it_takes_at_most_half_the_free_memory(tmp_path, monkeypatch):
-    from lightning_evalguard.clean_pass import device_cache_placement
+    from lightning_evalguard.cache import device_cache_placement
 
     pl_trainer = cuda_trainer(tmp_path, monkeypatch, free=1000)
     module = HooklessClassifier("linear")
@@ -246,7 +284,7 @@ def test_on_cuda_the_cache_goes_to_the_device_when_it_takes_at_most_half_the_fre
 
 
 def test_a_datamodule_transfer_hook_keeps_the_cache_in_host_memory(tmp_path, monkeypatch):
-    from lightning_evalguard.clean_pass import device_cache_placement
+    from lightning_evalguard.cache import device_cache_placement
 
     class Hooked(pl.LightningDataModule):
         def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -260,43 +298,44 @@ def test_a_datamodule_transfer_hook_keeps_the_cache_in_host_memory(tmp_path, mon
 
 
 def test_on_the_cpu_the_cache_stays_in_host_memory(tmp_path):
-    from lightning_evalguard.clean_pass import device_cache_placement
+    from lightning_evalguard.cache import device_cache_placement
 
     assert device_cache_placement(trainer(tmp_path), HooklessClassifier("linear"), 10, 1 << 30) is None
 
 
-@pytest.mark.filterwarnings("ignore:EvalGuard found no running metric")
-def test_a_cache_filled_through_the_batch_path_gives_the_same_values(tmp_path, monkeypatch):
-    import lightning_evalguard.callback as callback_module
-    from lightning_evalguard.clean_pass import batch_path
-    from lightning_evalguard.data import DevicePlacement
+def test_a_cache_filled_through_the_batch_path_keeps_the_converted_batches_and_gives_the_same_values(tmp_path):
+    # What a CUDA device gets, on the CPU: the cache fills through the batch path, so it keeps the batches as they
+    # reach the model (converted to float64 by the precision plugin); the sizes match the fit-start estimate, and a
+    # pass over the cached batches measures what a pass over the loader does.
+    from torchmetrics import MetricCollection
 
-    estimates: list[int | None] = []
+    from lightning_evalguard.cache import BatchCache, DevicePlacement, size_at_fit_start
+    from lightning_evalguard.forward import batch_path, default_forward
+    from lightning_evalguard.passes import run_pass
 
-    def run(placed: bool) -> CacheWatcher:
-        if placed:  # what a CUDA device gets: the batches as the batch path returns them (here: float64)
+    pl_trainer = trainer(tmp_path, precision="64-true")
+    model = HooklessClassifier("both").double().eval()
+    batches = batches_of(48, size=16)
+    cache = BatchCache(max_bytes=1 << 30)
+    first, converted = batches[0], pl_trainer.precision_plugin.convert_input(batches[0])
+    assert size_at_fit_start(pl_trainer, cache, first, converted, True, len(batches), "", lambda *a: None) is cache
+    assert cache.estimate == 48 * (NUM_FEATURES * 4 + 8)  # the loader's float32 inputs and int64 labels
+    assert cache.device_estimate == 48 * (NUM_FEATURES * 8 + 8)  # converted: float64 inputs
 
-            def placement(t: Any, m: Any, estimate: int | None, max_bytes: int) -> DevicePlacement:
-                estimates.append(estimate)
-                return DevicePlacement(t.strategy.root_device, batch_path(t, m), max_bytes)
+    def measure(loader: Any) -> list[float]:
+        metrics = MetricCollection({"acc": micro_accuracy(), "logit": MeanLogit()})
+        with torch.inference_mode():
+            assert run_pass(pl_trainer, model, loader, metrics, default_forward) == 3
+        return [float(value) for value in metrics.compute().values()]
 
-            monkeypatch.setattr(callback_module, "device_cache_placement", placement)
-        x, y = make_tensors(48)
-        guard = CacheWatcher({"acc": micro(), "logit": MeanLogit()}, eval_transform=nn.Identity(), cache=True)
-        pl.seed_everything(0, verbose=False)
-        pl_trainer = trainer(tmp_path, max_epochs=3, callbacks=[guard], precision="64-true")
-        pl_trainer.fit(HooklessClassifier("both"), loader(TensorData(x, y, NumpyNoise())))
-        return guard
-
-    host, placed = run(False), run(True)
-    assert host.seen == [(None, [(torch.float32, "cpu")] * 3)]  # the loader's batches
-    assert placed.seen == [(torch.device("cpu"), [(torch.float64, "cpu")] * 3)]  # converted by the precision plugin
-    assert [e["clean"] for e in placed.history] == [e["clean"] for e in host.history]
-    # the device estimate counts the converted batches: float64 inputs, int64 labels
-    (cache,) = [source.cache for source in placed._sources]
-    assert estimates == [48 * (NUM_FEATURES * 8 + 8)] == [cache.nbytes]
-    assert cache.estimate == 48 * (NUM_FEATURES * 4 + 8)
-    # the end of fit frees the batches and keeps what they were
+    placement = DevicePlacement(torch.device("cpu"), batch_path(pl_trainer, model), 1 << 30)
+    from_loader = measure(batches)
+    filling = measure(cache.read(batches, None, placement))
+    assert cache.device == torch.device("cpu") and cache.nbytes == cache.device_estimate
+    assert [(batch[0].dtype, batch[0].device.type) for batch in cache.batches or []] == [(torch.float64, "cpu")] * 3
+    from_cache = measure(cache.read(batches, None))
+    assert from_loader == filling == from_cache
+    cache.release()  # what the end of fit does: the batches go, what they were stays
     assert cache.batches is None and cache.num_batches == 3 and cache.device == torch.device("cpu")
 
 
@@ -321,13 +360,16 @@ def test_a_batch_the_cache_cannot_copy_is_not_cached_and_says_so(tmp_path):
     def collate(items: list[Any]) -> Encoding:
         return Encoding(torch.stack([item[0] for item in items]), torch.stack([item[1] for item in items]))
 
-    guard = EvalGuard({"acc": micro()}, cache=True, forward=lambda m, b: (m(b.x), b.y), guards="off")
-    with pytest.warns(UserWarning, match=r"the clean batches hold a Encoding, which it cannot copy or size, so the"
-                      r" clean data is not cached"):
+    guard = EvalGuard({"acc": micro_accuracy()}, cache=True, forward=lambda m, b: (m(b.x), b.y), guards="off")
+    with pytest.warns(
+        UserWarning,
+        match=r"the clean batches hold a Encoding, which it cannot copy or size, so the"
+        r" clean data is not cached",
+    ):
         trainer(tmp_path, max_epochs=2, callbacks=[guard]).fit(
             HooklessClassifier("linear"), loader(data, collate_fn=collate)
         )
-    assert [source.cache for source in guard._sources] == [None]
+    assert [source.cache for source in clean_sources(guard)] == [None]
     assert data.reads == 2 * 32 + 16 + 2 * 32  # training, the budget check's batch, two uncached passes
 
 
@@ -336,7 +378,7 @@ def test_the_cache_copies_and_sizes_dataclass_and_numpy_batches():
 
     import numpy as np
 
-    from lightning_evalguard.data import _copy, batch_nbytes, uncopyable
+    from lightning_evalguard.cache import _copy, batch_nbytes, uncopyable
 
     @dataclasses.dataclass(frozen=True)
     class Batch:
@@ -345,7 +387,10 @@ def test_the_cache_copies_and_sizes_dataclass_and_numpy_batches():
 
     batch = Batch(torch.zeros(2, 3), {"mask": np.zeros(4, dtype=np.int64)})
     assert batch_nbytes(batch) == 2 * 3 * 4 + 4 * 8
-    assert uncopyable(batch) is None and uncopyable((torch.zeros(1), Encoding(torch.zeros(1), torch.zeros(1)))) == "Encoding"
+    assert (
+        uncopyable(batch) is None
+        and uncopyable((torch.zeros(1), Encoding(torch.zeros(1), torch.zeros(1)))) == "Encoding"
+    )
     copied = _copy(batch)
     copied.x.add_(1)
     copied.extra["mask"][0] = 7

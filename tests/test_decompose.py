@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,20 +16,19 @@ from lightning_evalguard import EvalGuard
 from helpers import (
     NUM_CLASSES,
     Classifier,
+    CountSamples,
     NoTraining,
     NumpyNoise,
     TensorData,
+    Validates,
     assert_training_unchanged_by,
     loader,
     make_tensors,
+    micro_accuracy,
     trainer,
 )
 
 EFFECTS = ("train_mode", "augmentation", "weight_drift")
-
-
-def acc() -> MulticlassAccuracy:
-    return MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
 
 
 class Loss(MulticlassAccuracy):
@@ -55,10 +55,19 @@ class LogsLoss(Classifier):
 
 
 def decomposed(
-    tmp_path: Any, kind: str, noise: float, batch_noise: float, n: int = 50, train_batch: int = 10
+    tmp_path: Any,
+    kind: str,
+    noise: float,
+    batch_noise: float,
+    n: int = 50,
+    train_batch: int = 10,
+    count: bool = False,
 ) -> tuple[EvalGuard, pl.Trainer]:
     x, y = make_tensors(n)
-    guard = EvalGuard({"acc": acc(), "loss": Loss()}, eval_transform=nn.Identity(), decompose=True, batch_size=16)
+    metrics: dict[str, Any] = {"acc": micro_accuracy(), "loss": Loss()}
+    if count:
+        metrics["n"] = CountSamples()  # no running value: it warns, and has no weight drift
+    guard = EvalGuard(metrics, eval_transform=nn.Identity(), decompose=True, batch_size=16)
     model = LogsLoss(kind, batch_noise=batch_noise)
     pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=[guard])
     data = TensorData(x, y, NumpyNoise(noise) if noise else None)
@@ -91,44 +100,46 @@ def test_augmentation_effect_is_exactly_zero_without_augmentation(tmp_path):
     assert any(entry["effect/train_mode"]["loss"] != 0.0 for entry in guard.history)
 
 
+@pytest.mark.filterwarnings("ignore:EvalGuard found no running metric")
 def test_a_last_batch_of_one_sample_does_not_break_the_train_mode_passes(tmp_path):
-    guard, _ = decomposed(tmp_path, "batchnorm", noise=0.5, batch_noise=0.0, n=33, train_batch=11)  # 16 + 16 + 1
-    assert len(guard.history) == 2
+    # clean batches of 16 + 16 + 1: BatchNorm in train mode cannot normalise the last one alone
+    guard, _ = decomposed(tmp_path, "batchnorm", noise=0.5, batch_noise=0.0, n=33, train_batch=11, count=True)
+    assert [entry["epoch"] for entry in guard.history] == [0, 1]
+    for entry in guard.history:
+        # the train-mode passes (B, C) count the 33 samples the clean pass does: the last sample is not dropped
+        assert entry["clean"]["n"] == 33.0
+        assert entry["effect/train_mode"]["n"] == 0.0 and entry["effect/augmentation"]["n"] == 0.0
+        for name in ("acc", "loss"):
+            total = sum(entry[f"effect/{kind}"][name] for kind in EFFECTS)
+            assert math.isfinite(total) and total == pytest.approx(entry["gap"][name], abs=1e-5)
+        assert entry["effect/train_mode"]["loss"] != 0.0  # BatchNorm's batch statistics did change the outputs
 
 
 def test_training_with_decompose_is_bit_identical_to_training_without_the_callback(tmp_path):
     guard = assert_training_unchanged_by(
-        tmp_path, lambda: EvalGuard({"acc": acc()}, eval_transform=nn.Identity(), decompose=True), n=72
+        tmp_path, lambda: EvalGuard({"acc": micro_accuracy()}, eval_transform=nn.Identity(), decompose=True), n=72
     )
-    assert len(guard.history) == 3
+    assert [entry["epoch"] for entry in guard.history] == [0, 1, 2]
 
 
 def test_decompose_with_a_user_loader_fails_before_training(tmp_path):
     x, y = make_tensors(16)
     model = NoTraining("linear")
-    guard = EvalGuard({"acc": acc()}, dataloader=loader(TensorData(x, y), shuffle=False), decompose=True)
+    guard = EvalGuard({"acc": micro_accuracy()}, dataloader=loader(TensorData(x, y), shuffle=False), decompose=True)
     with pytest.raises(ValueError, match=r"decompose=True\) .* needs to\s+rebuild the training loader"):
         trainer(tmp_path, callbacks=[guard]).fit(model, loader(TensorData(x, y)))
-
-
-class Validates(Classifier):
-    def __init__(self, key: str = "val_acc") -> None:
-        super().__init__("both")
-        self.key = key
-        self.val_acc = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.val_acc(self(x), y)
-        self.log(self.key, self.val_acc)
 
 
 @pytest.mark.parametrize("key", ["val_acc", "val/acc", "my_val"])
 def test_generalization_gap_is_logged_only_for_epochs_where_validation_ran(tmp_path, key):
     x, y = make_tensors(40)
-    guard = EvalGuard({"acc": acc()}, val={"acc": "my_val"} if key == "my_val" else None)
+    guard = EvalGuard({"acc": micro_accuracy()}, val={"acc": "my_val"} if key == "my_val" else None)
     pl_trainer = trainer(tmp_path, max_epochs=4, callbacks=[guard], check_val_every_n_epoch=2)
-    pl_trainer.fit(Validates(key), loader(TensorData(x, y)), val_dataloaders=loader(TensorData(x[:20], y[:20]), shuffle=False))
+    pl_trainer.fit(
+        Validates("both", key, metric=True),
+        loader(TensorData(x, y)),
+        val_dataloaders=loader(TensorData(x[:20], y[:20]), shuffle=False),
+    )
     assert [bool(entry["generalization"]) for entry in guard.history] == [False, True, False, True]
     last = guard.history[-1]
     validation = float(pl_trainer.callback_metrics[key])
@@ -154,7 +165,7 @@ def test_summary_lists_the_last_values_and_a_reading_and_is_printed_once_at_fit_
 
 def test_no_summary_is_printed_with_print_summary_false(tmp_path, capsys):
     x, y = make_tensors(16)
-    guard = EvalGuard({"acc": acc()}, print_summary=False)
+    guard = EvalGuard({"acc": micro_accuracy()}, print_summary=False)
     trainer(tmp_path, max_epochs=1, callbacks=[guard]).fit(Classifier("linear"), loader(TensorData(x, y)))
     assert "EvalGuard summary" not in capsys.readouterr().out
     assert guard.summary().startswith("EvalGuard summary")
@@ -165,7 +176,7 @@ def test_summary_is_a_rich_table_in_a_terminal(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     x, y = make_tensors(16)
-    guard = EvalGuard({"acc": acc()})
+    guard = EvalGuard({"acc": micro_accuracy()})
     trainer(tmp_path, max_epochs=1, callbacks=[guard]).fit(Classifier("linear"), loader(TensorData(x, y)))
     out = capsys.readouterr().out
     assert "EvalGuard summary" in out and "┃" in out  # rich's table border
@@ -179,6 +190,6 @@ def test_summary_is_plain_text_without_rich(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "rich", None)
     monkeypatch.setitem(sys.modules, "rich.table", None)
     x, y = make_tensors(16)
-    guard = EvalGuard({"acc": acc()})
+    guard = EvalGuard({"acc": micro_accuracy()})
     trainer(tmp_path, max_epochs=1, callbacks=[guard]).fit(Classifier("linear"), loader(TensorData(x, y)))
     assert capsys.readouterr().out.strip().endswith(guard.summary().splitlines()[-1])

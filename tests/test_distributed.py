@@ -13,15 +13,25 @@ from typing import Any
 
 import pytest
 import torch
-from distributed_helpers import CountSamples, MeanLogit, SameOnEveryRank
+from distributed_helpers import LogitSum, SameOnEveryRank
 from torch import nn
 from torch.utils.data import DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_evalguard import EvalGuard, EvalGuardWarning
-from lightning_evalguard.data import fixed_subset, pads_samples, shard
+from lightning_evalguard.sampling import fixed_subset, pads_samples, shard
 
-from helpers import NUM_CLASSES, Classifier, NumpyNoise, TensorData, accuracy, loader, make_tensors, trainer
+from helpers import (
+    NUM_CLASSES,
+    Classifier,
+    CountSamples,
+    NumpyNoise,
+    TensorData,
+    accuracy,
+    loader,
+    make_tensors,
+    trainer,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
 
@@ -35,7 +45,11 @@ def subset_indices(limit: float | None) -> list[int]:
 
 def guard(limit: float | None) -> EvalGuard:
     return EvalGuard(
-        {"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro"), "n": CountSamples(), "logit": MeanLogit()},
+        {
+            "acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro"),
+            "n": CountSamples(),
+            "logit": LogitSum(),
+        },
         eval_transform=nn.Identity(),
         batch_size=8,
         limit_batches=limit,
@@ -99,7 +113,12 @@ def test_checkpoint_resumes_across_world_sizes(tmp_path):
         strategy = "ddp_fork" if devices > 1 else "auto"
         callbacks = [guard(0.5), SameOnEveryRank(tmp_path / f"{out}.json"), save]
         pl_trainer = trainer(
-            tmp_path, max_epochs=epochs, devices=devices, strategy=strategy, callbacks=callbacks, enable_checkpointing=True
+            tmp_path,
+            max_epochs=epochs,
+            devices=devices,
+            strategy=strategy,
+            callbacks=callbacks,
+            enable_checkpointing=True,
         )
         pl_trainer.fit(Classifier("linear"), data, ckpt_path=ckpt)
         return json.loads((tmp_path / f"{out}.json").read_text())["history"]
@@ -126,7 +145,9 @@ def test_a_padding_distributed_sampler_is_detected():
     data = TensorData(x, y)
     padding = torch.utils.data.DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0))
     unrepeated = torch.utils.data.DataLoader(data, sampler=UnrepeatedDistributedSampler(data, num_replicas=2, rank=0))
-    even = torch.utils.data.DataLoader(TensorData(x[:64], y[:64]), sampler=DistributedSampler(data, num_replicas=2, rank=0))
+    even = torch.utils.data.DataLoader(
+        TensorData(x[:64], y[:64]), sampler=DistributedSampler(data, num_replicas=2, rank=0)
+    )
     assert pads_samples(padding)
     assert not pads_samples(unrepeated)
     assert not pads_samples(even) or len(even.sampler.dataset) % 2  # type: ignore[attr-defined]
@@ -137,7 +158,9 @@ def test_a_user_clean_loader_with_a_padding_sampler_is_warned_about_under_ddp(tm
     data = TensorData(x, y)
 
     def build(pl_trainer: Any) -> torch.utils.data.DataLoader:
-        sampler = DistributedSampler(data, num_replicas=pl_trainer.world_size, rank=pl_trainer.global_rank, shuffle=False)
+        sampler = DistributedSampler(
+            data, num_replicas=pl_trainer.world_size, rank=pl_trainer.global_rank, shuffle=False
+        )
         return torch.utils.data.DataLoader(data, batch_size=8, sampler=sampler)
 
     guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")}, dataloader=build)

@@ -7,12 +7,22 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_evalguard import EvalGuard
 
-from helpers import NUM_CLASSES, Classifier, NumpyNoise, TensorData, accuracy, loader, make_tensors, trainer
+from helpers import (
+    NUM_CLASSES,
+    Classifier,
+    CountSamples,
+    NumpyNoise,
+    TensorData,
+    accuracy,
+    loader,
+    make_tensors,
+    metric_clones,
+    trainer,
+)
 
 
 @pytest.mark.parametrize("kind", ["linear", "dropout", "batchnorm"])
@@ -25,13 +35,6 @@ def test_clean_accuracy_equals_an_independent_eval_mode_computation(tmp_path, ki
     trainer(tmp_path, max_epochs=2, callbacks=[guard]).fit(model, loader(TensorData(x, y, NumpyNoise())))
     assert len(guard.history) == 2
     assert guard.history[-1]["clean"]["acc"] == pytest.approx(accuracy(model, x, y), abs=1e-6)
-
-
-class CountSamples(SumMetric):
-    """Counts samples: update(preds, target) adds len(target)."""
-
-    def update(self, preds: Any, target: Any) -> None:  # type: ignore[override]
-        super().update(torch.tensor(float(len(target))))
 
 
 class Calls(MulticlassAccuracy):
@@ -58,7 +61,8 @@ def test_metrics_are_reset_each_pass_updated_per_batch_and_computed_once(tmp_pat
     guard = EvalGuard({"acc": user_acc, "n": user_count}, batch_size=16)
     trainer(tmp_path, max_epochs=3, callbacks=[guard]).fit(Classifier("linear"), loader(TensorData(x, y)))
     assert [entry["clean"]["n"] for entry in guard.history] == [50.0, 50.0, 50.0]
-    assert Calls.updates == 3 * 4  # ceil(50 / 16) batches, three passes
+    # ceil(50 / 16) batches, three passes; and once at fit start, on a clone, to check the metric fits the outputs
+    assert Calls.updates == 3 * 4 + 1
     assert Calls.computes == 3
     assert not user_acc.update_called and not user_count.update_called
 
@@ -69,7 +73,7 @@ def test_metric_clones_live_on_the_module_device_and_never_on_the_user_object(tm
     user_metric = MulticlassAccuracy(num_classes=NUM_CLASSES)
     guard = EvalGuard({"acc": user_metric})
     trainer(tmp_path, max_epochs=1, callbacks=[guard]).fit(Classifier("linear"), loader(TensorData(x, y)))
-    clones = list(guard._metrics.values())
+    clones = list(metric_clones(guard).values())
     assert len(clones) == 1 and clones[0]["acc"] is not user_metric
     assert clones[0]["acc"].device == torch.device("cpu")
     assert not user_metric.update_called

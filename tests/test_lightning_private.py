@@ -1,4 +1,4 @@
-"""Breaks loudly when a Lightning upgrade moves the two internals EvalGuard relies on (lightning_evalguard/_lightning.py)."""
+"""Breaks loudly when a Lightning upgrade moves an internal EvalGuard relies on (every one is in lightning_evalguard/_lightning.py)."""
 
 from __future__ import annotations
 
@@ -69,3 +69,58 @@ def test_trainer_still_keeps_its_inference_mode_argument_on_the_validate_loop(tm
 
     assert uses_inference_mode(trainer(tmp_path)) is True
     assert uses_inference_mode(trainer(tmp_path, inference_mode=False)) is False
+
+
+def test_the_base_strategy_still_defines_batch_to_device_where_evalguard_looks(tmp_path):
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    from lightning_evalguard._lightning import base_batch_to_device
+
+    assert base_batch_to_device(trainer(tmp_path).strategy) is True
+    assert base_batch_to_device(SingleDeviceStrategy(torch.device("cpu"))) is True
+    assert base_batch_to_device(DDPStrategy()) is True
+
+    class Moves(SingleDeviceStrategy):
+        def batch_to_device(self, batch: Any, device: Any = None, dataloader_idx: int = 0) -> Any:
+            return batch
+
+    assert base_batch_to_device(Moves(torch.device("cpu"))) is False
+
+
+def test_lightnings_unrepeated_samplers_are_still_named_so():
+    from lightning.pytorch.overrides.distributed import (
+        UnrepeatedDistributedSampler,
+        UnrepeatedDistributedSamplerWrapper,
+    )
+
+    from lightning_evalguard._lightning import is_unrepeated_sampler
+
+    data = list(range(5))
+    assert is_unrepeated_sampler(UnrepeatedDistributedSampler(data, num_replicas=2, rank=0))
+    wrapper = UnrepeatedDistributedSamplerWrapper(torch.utils.data.SequentialSampler(data), num_replicas=2, rank=0)
+    assert is_unrepeated_sampler(wrapper)
+    assert not is_unrepeated_sampler(torch.utils.data.DistributedSampler(data, num_replicas=2, rank=0))
+
+
+def test_the_tensorboard_logger_is_still_named_so(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from lightning_evalguard._lightning import is_tensorboard_logger
+
+    assert is_tensorboard_logger(TensorBoardLogger(tmp_path))
+    assert not is_tensorboard_logger(CSVLogger(tmp_path))
+
+
+def test_lightnings_default_hooks_still_live_in_its_own_modules():
+    from lightning_evalguard._lightning import user_overrides
+
+    class Hooked(Classifier):
+        def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+            return batch
+
+    for hook in ("on_before_batch_transfer", "transfer_batch_to_device"):
+        assert user_overrides(pl.LightningModule(), hook) is False
+        assert user_overrides(pl.LightningDataModule(), hook) is False
+    assert user_overrides(pl.LightningDataModule(), "val_dataloader") is False
+    assert user_overrides(Hooked("linear"), "transfer_batch_to_device") is True
+    assert user_overrides(Classifier("linear"), "on_after_batch_transfer") is True

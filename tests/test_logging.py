@@ -11,15 +11,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_evalguard import EvalGuard, EvalGuardWarning
 
-from helpers import NUM_CLASSES, Classifier, TensorData, loader, make_tensors, trainer
-
-
-def acc() -> MulticlassAccuracy:
-    return MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
+from helpers import Classifier, TensorData, Validates, loader, make_tensors, micro_accuracy, trainer
 
 
 def data(n: int = 40) -> Any:
@@ -28,7 +23,7 @@ def data(n: int = 40) -> Any:
 
 
 def test_tensorboard_holds_the_three_keys_once_per_epoch_at_the_train_epoch_steps(tmp_path):
-    guard = EvalGuard({"acc": acc()})
+    guard = EvalGuard({"acc": micro_accuracy()})
     logger = TensorBoardLogger(tmp_path, name="tb")
     trainer(tmp_path, max_epochs=3, callbacks=[guard], logger=logger).fit(Classifier("both"), data())
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
@@ -53,12 +48,16 @@ def test_logged_metrics_go_to_every_attached_logger(tmp_path):
     mock.log_dir = None
     mock.name = "mock"
     mock.version = 0
-    guard = EvalGuard({"acc": acc()})
+    guard = EvalGuard({"acc": micro_accuracy()})
     pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=[guard], logger=[mock, TensorBoardLogger(tmp_path)])
     pl_trainer.fit(Classifier("linear"), data())
-    logged = [call.kwargs.get("metrics", call.args[0] if call.args else None) for call in mock.log_metrics.call_args_list]
+    logged = [
+        call.kwargs.get("metrics", call.args[0] if call.args else None) for call in mock.log_metrics.call_args_list
+    ]
     steps = [call.kwargs.get("step") for call in mock.log_metrics.call_args_list]
-    with_clean = [(metrics, step) for metrics, step in zip(logged, steps, strict=True) if "evalguard/clean/acc" in metrics]
+    with_clean = [
+        (metrics, step) for metrics, step in zip(logged, steps, strict=True) if "evalguard/clean/acc" in metrics
+    ]
     assert [step for _, step in with_clean] == [2, 5]
     for (metrics, _), entry in zip(with_clean, guard.history, strict=True):
         assert metrics["evalguard/clean/acc"] == pytest.approx(entry["clean"]["acc"])
@@ -68,7 +67,7 @@ def test_logged_metrics_go_to_every_attached_logger(tmp_path):
 
 
 def test_gap_is_clean_minus_running_and_history_has_its_shape(tmp_path):
-    guard = EvalGuard({"acc": acc()})
+    guard = EvalGuard({"acc": micro_accuracy()})
     pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=[guard])
     pl_trainer.fit(Classifier("both"), data())
     assert [entry["epoch"] for entry in guard.history] == [0, 1]
@@ -84,7 +83,7 @@ def test_gap_is_clean_minus_running_and_history_has_its_shape(tmp_path):
 
 def test_model_checkpoint_can_monitor_the_clean_metric(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="evalguard/clean/acc", mode="max", save_top_k=1)
-    guard = EvalGuard({"acc": acc()})
+    guard = EvalGuard({"acc": micro_accuracy()})
     pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=[checkpoint, guard], enable_checkpointing=True)
     pl_trainer.fit(Classifier("linear"), data())
     assert checkpoint.best_model_score is not None
@@ -122,7 +121,7 @@ class Logs(Classifier):
     ],
 )
 def test_running_key_is_found_among_the_candidates(tmp_path, key, on_step, found):
-    guard = EvalGuard({"acc": acc()})
+    guard = EvalGuard({"acc": micro_accuracy()})
     pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=[guard])
     with warnings.catch_warnings():
         warnings.simplefilter("error", EvalGuardWarning)
@@ -136,7 +135,7 @@ def test_candidate_order_prefers_train_underscore_name(tmp_path):
             self.log("train/acc", 5.0, on_step=False, on_epoch=True)
             return super().training_step(batch, batch_idx)
 
-    guard = EvalGuard({"acc": acc()})
+    guard = EvalGuard({"acc": micro_accuracy()})
     pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[guard])
     pl_trainer.fit(Both("train_acc"), data())
     assert guard.history[-1]["running"]["acc"] == pytest.approx(float(pl_trainer.callback_metrics["train_acc"]))
@@ -144,7 +143,7 @@ def test_candidate_order_prefers_train_underscore_name(tmp_path):
 
 
 def test_running_argument_names_the_key(tmp_path):
-    guard = EvalGuard({"acc": acc()}, running={"acc": "my_running_accuracy"})
+    guard = EvalGuard({"acc": micro_accuracy()}, running={"acc": "my_running_accuracy"})
     pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[guard])
     pl_trainer.fit(Logs("my_running_accuracy"), data())
     value = float(pl_trainer.callback_metrics["my_running_accuracy"])
@@ -152,9 +151,11 @@ def test_running_argument_names_the_key(tmp_path):
 
 
 def test_missing_running_metric_warns_once_listing_the_keys_and_still_logs_clean(tmp_path):
-    guard = EvalGuard({"acc": acc()})
+    guard = EvalGuard({"acc": micro_accuracy()})
     pl_trainer = trainer(tmp_path, max_epochs=3, callbacks=[guard])
-    with pytest.warns(EvalGuardWarning, match=r"no running metric for 'acc'.*looked for \['train_acc', 'train/acc'") as record:
+    with pytest.warns(
+        EvalGuardWarning, match=r"no running metric for 'acc'.*looked for \['train_acc', 'train/acc'"
+    ) as record:
         pl_trainer.fit(Logs("accuracy_of_training"), data())
     messages = [str(w.message) for w in record if issubclass(w.category, EvalGuardWarning)]
     assert len(messages) == 1
@@ -165,17 +166,21 @@ def test_missing_running_metric_warns_once_listing_the_keys_and_still_logs_clean
 
 
 def test_a_key_logged_with_on_epoch_false_warns_once(tmp_path):
-    guard = EvalGuard({"acc": acc()})
+    guard = EvalGuard({"acc": micro_accuracy()})
     pl_trainer = trainer(tmp_path, max_epochs=3, callbacks=[guard])
-    with pytest.warns(EvalGuardWarning, match=r"'train_acc', which was logged with on_epoch=False.*on_epoch=True") as rec:
+    with pytest.warns(
+        EvalGuardWarning, match=r"'train_acc', which was logged with on_epoch=False.*on_epoch=True"
+    ) as rec:
         pl_trainer.fit(Logs("train_acc", on_step=True, on_epoch=False), data())
     assert sum(issubclass(w.category, EvalGuardWarning) for w in rec) == 1
 
 
 def test_a_key_logged_in_the_module_on_train_epoch_end_warns_once(tmp_path):
-    guard = EvalGuard({"acc": acc()})
+    guard = EvalGuard({"acc": micro_accuracy()})
     pl_trainer = trainer(tmp_path, max_epochs=3, callbacks=[guard])
-    with pytest.warns(EvalGuardWarning, match=r"'train_acc' was logged after EvalGuard read it.*on_train_epoch_end") as rec:
+    with pytest.warns(
+        EvalGuardWarning, match=r"'train_acc' was logged after EvalGuard read it.*on_train_epoch_end"
+    ) as rec:
         pl_trainer.fit(Logs("train_acc", late=True), data())
     assert sum(issubclass(w.category, EvalGuardWarning) for w in rec) == 1
     # and it is indeed the previous epoch's value that was compared
@@ -183,21 +188,21 @@ def test_a_key_logged_in_the_module_on_train_epoch_end_warns_once(tmp_path):
 
 
 def test_late_key_is_caught_also_when_the_first_pass_comes_after_several_epochs(tmp_path):
-    guard = EvalGuard({"acc": acc()}, every_n_epochs=2)
+    guard = EvalGuard({"acc": micro_accuracy()}, every_n_epochs=2)
     pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=[guard])
     with pytest.warns(EvalGuardWarning, match=r"'train_acc' was logged after EvalGuard read it"):
         pl_trainer.fit(Logs("train_acc", late=True), data())
 
 
 def test_a_clean_setup_gives_no_warning(tmp_path):
-    guard = EvalGuard({"acc": acc()})
+    guard = EvalGuard({"acc": micro_accuracy()})
     with warnings.catch_warnings():
         warnings.simplefilter("error", EvalGuardWarning)
         trainer(tmp_path, max_epochs=3, callbacks=[guard]).fit(Classifier("both"), data())
 
 
 def test_state_dict_is_plain_and_loads_with_weights_only(tmp_path):
-    guard = EvalGuard({"acc": acc()}, limit_batches=0.5)
+    guard = EvalGuard({"acc": micro_accuracy()}, limit_batches=0.5)
     pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=[guard])
     pl_trainer.fit(Classifier("linear"), data())
     path = tmp_path / "state.pt"
@@ -205,7 +210,7 @@ def test_state_dict_is_plain_and_loads_with_weights_only(tmp_path):
     loaded = torch.load(path, weights_only=True)
     assert loaded == guard.state_dict()
     assert loaded["history"] == guard.history and len(loaded["subsets"][""]) == 20
-    fresh = EvalGuard({"acc": acc()})
+    fresh = EvalGuard({"acc": micro_accuracy()})
     fresh.load_state_dict(loaded)
     assert fresh.history == guard.history
     fresh.load_state_dict({})  # an older or foreign checkpoint without the keys
@@ -214,7 +219,10 @@ def test_state_dict_is_plain_and_loads_with_weights_only(tmp_path):
 
 def test_resuming_continues_the_history_and_two_prefixes_coexist_in_one_checkpoint(tmp_path):
     def guards() -> list[EvalGuard]:
-        return [EvalGuard({"acc": acc()}), EvalGuard({"acc": acc()}, prefix="eg2", every_n_epochs=2)]
+        return [
+            EvalGuard({"acc": micro_accuracy()}),
+            EvalGuard({"acc": micro_accuracy()}, prefix="eg2", every_n_epochs=2),
+        ]
 
     first = guards()
     pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=first, enable_checkpointing=True)
@@ -235,15 +243,13 @@ def test_resuming_continues_the_history_and_two_prefixes_coexist_in_one_checkpoi
 
 
 def test_resuming_from_a_checkpoint_taken_at_validation_end_gives_no_misleading_warning(tmp_path):
-    class Validates(Classifier):
-        def validation_step(self, batch: Any, batch_idx: int) -> None:
-            self.log("val_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
-
     # saved at validation end, before EvalGuard's on_train_epoch_end: the resumed run re-runs that hook first
     save = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_on_train_epoch_end=False)
-    first = trainer(tmp_path, max_epochs=1, callbacks=[EvalGuard({"acc": acc()}), save], enable_checkpointing=True)
+    first = trainer(
+        tmp_path, max_epochs=1, callbacks=[EvalGuard({"acc": micro_accuracy()}), save], enable_checkpointing=True
+    )
     first.fit(Validates("linear"), data(), data())
-    guard = EvalGuard({"acc": acc()})
+    guard = EvalGuard({"acc": micro_accuracy()})
     with warnings.catch_warnings():
         warnings.simplefilter("error", EvalGuardWarning)
         trainer(tmp_path, max_epochs=2, callbacks=[guard]).fit(

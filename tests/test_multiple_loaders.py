@@ -18,7 +18,9 @@ class TwoLoaders(Classifier):
     def __init__(self, names: list[str]) -> None:
         super().__init__("dropout")
         self.names = names
-        self.accs = nn.ModuleDict({name: MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro") for name in names})
+        self.accs = nn.ModuleDict(
+            {name: MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro") for name in names}
+        )
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         parts = batch.items() if isinstance(batch, dict) else zip(self.names, batch, strict=True)
@@ -38,7 +40,9 @@ def test_each_training_loader_gets_its_own_clean_pass_and_keys(tmp_path, contain
     loaders = [loader(TensorData(xa, ya, NumpyNoise())), loader(TensorData(xb, yb, NumpyNoise()), batch_size=8)]
     names = ["a", "b"] if container == "dict" else ["0", "1"]
     train = dict(zip(names, loaders, strict=True)) if container == "dict" else loaders
-    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")}, eval_transform=nn.Identity())
+    guard = EvalGuard(
+        {"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")}, eval_transform=nn.Identity()
+    )
     model = TwoLoaders(names)
     pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=[guard])
     pl_trainer.fit(model, train)

@@ -126,7 +126,8 @@ class FakeMps:
 
 
 def test_an_mps_generator_is_seeded_for_each_pass_and_put_back(monkeypatch):
-    from lightning_evalguard.guards import reseed, snapshot, state_changes
+    from lightning_evalguard.guards import snapshot, state_changes
+    from lightning_evalguard.isolation import reseed
 
     fake = FakeMps()
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
@@ -310,7 +311,9 @@ def test_trainer_inference_mode_false_runs_the_pass_under_no_grad(tmp_path):
         grad_modes.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
         return module(batch[0]), batch[1]
 
-    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, forward=forward, guards="off", batch_size=64)
+    guard = EvalGuard(
+        {"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, forward=forward, guards="off", batch_size=64
+    )
     pl_trainer = trainer(tmp_path, max_epochs=2, callbacks=[guard], inference_mode=False)
     pl_trainer.fit(LazyCache(), loader(TensorData(x, y)))  # a cache made in inference mode would break training
     assert grad_modes and set(grad_modes) == {(False, False)}

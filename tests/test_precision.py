@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_evalguard import EvalGuard
 
-from helpers import NUM_CLASSES, Classifier, TensorData, loader, make_tensors, trainer
+from helpers import Classifier, MeanLogit, TensorData, loader, make_tensors, metric_clones, micro_accuracy, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:EvalGuard found no running metric", "ignore::UserWarning")
-
-
-class MeanLogit(MeanMetric):
-    def update(self, preds: Any, target: Any) -> None:  # type: ignore[override]
-        super().update(preds[:, 0])
 
 
 def independent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str) -> tuple[float, float]:
@@ -40,15 +31,13 @@ def independent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: s
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "64-true", "bf16-true"])
 def test_clean_pass_under_each_precision_equals_validation_style_computation(tmp_path, precision):
     x, y = make_tensors(40)
-    guard = EvalGuard(
-        {"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro"), "logit": MeanLogit()}, batch_size=40
-    )
+    guard = EvalGuard({"acc": micro_accuracy(), "logit": MeanLogit()}, batch_size=40)
     model = Classifier("batchnorm")
     trainer(tmp_path, max_epochs=1, callbacks=[guard], precision=precision).fit(model, loader(TensorData(x, y)))
     acc, logit = independent(model, x, y, precision)
     assert guard.history[-1]["clean"]["acc"] == pytest.approx(acc, abs=1e-6)
     assert guard.history[-1]["clean"]["logit"] == pytest.approx(logit, rel=1e-6, abs=1e-6)
-    (collection,) = guard._metrics.values()
+    (collection,) = metric_clones(guard).values()
     for metric in collection.values():
         for state in metric.metric_state.values():
             if isinstance(state, torch.Tensor) and state.is_floating_point():

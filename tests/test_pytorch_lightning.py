@@ -43,7 +43,9 @@ class StandaloneClassifier(pl.LightningModule):
 
 def test_evalguard_runs_with_the_pytorch_lightning_trainer(tmp_path):
     x, y = make_tensors(48)
-    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")}, eval_transform=nn.Identity())
+    guard = EvalGuard(
+        {"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")}, eval_transform=nn.Identity()
+    )
     assert isinstance(guard, pl.Callback)
     trainer = pl.Trainer(
         default_root_dir=tmp_path,
@@ -60,7 +62,9 @@ def test_evalguard_runs_with_the_pytorch_lightning_trainer(tmp_path):
     trainer.fit(model, data)
     assert [entry["epoch"] for entry in guard.history] == [0, 1]
     assert guard.history[-1]["clean"]["acc"] == pytest.approx(accuracy(model, x, y), abs=1e-6)
-    assert float(trainer.callback_metrics["evalguard/gap/acc"]) == pytest.approx(guard.history[-1]["gap"]["acc"], abs=1e-6)
+    assert float(trainer.callback_metrics["evalguard/gap/acc"]) == pytest.approx(
+        guard.history[-1]["gap"]["acc"], abs=1e-6
+    )
 
 
 def test_importing_the_package_leaves_pytorch_lightning_and_logging_alone():

@@ -16,11 +16,10 @@ from unittest.mock import Mock
 import pytest
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_evalguard import EvalGuard
 
-from helpers import NUM_CLASSES, Classifier, NumpyNoise, TensorData, loader, make_tensors, trainer
+from helpers import Classifier, NumpyNoise, TensorData, Validates, loader, macro_accuracy, make_tensors, trainer
 
 
 def free_port() -> int:
@@ -41,8 +40,21 @@ def tensorboard_server(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     logdir.mkdir()
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port),
-         "--reload_interval", "1", "--load_fast", "false"],
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(logdir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--reload_interval",
+            "1",
+            "--load_fast",
+            "false",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=(tmp_path / "tensorboard.log").open("w"),
     )
@@ -76,16 +88,10 @@ def server_log(logdir: Path) -> str:
     return log.read_text()[-2000:] if log.exists() else ""
 
 
-class Validates(Classifier):
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
-
-
 def test_tensorboard_serves_the_custom_scalars_layout_and_tags(tensorboard_server):
     logdir, base = tensorboard_server
     x, y = make_tensors(40)
-    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, eval_transform=nn.Identity(), decompose=True)
+    guard = EvalGuard({"acc": macro_accuracy()}, eval_transform=nn.Identity(), decompose=True)
     logger = TensorBoardLogger(logdir, name="run")
     pl_trainer = trainer(logdir, max_epochs=2, callbacks=[guard], logger=logger)
     pl_trainer.fit(Validates("both"), loader(TensorData(x, y, NumpyNoise())), loader(TensorData(x, y), shuffle=False))
@@ -127,7 +133,7 @@ def test_other_loggers_are_left_alone(tmp_path):
     other.name, other.version = "other", 0
     other.experiment = Mock()
     tensorboard = TensorBoardLogger(tmp_path, name="tb")
-    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)})
+    guard = EvalGuard({"acc": macro_accuracy()})
     pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[guard], logger=[other, CSVLogger(tmp_path), tensorboard])
     pl_trainer.fit(Classifier("linear"), loader(TensorData(x, y)))
     other.experiment.add_custom_scalars.assert_not_called()

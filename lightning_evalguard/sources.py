@@ -7,231 +7,53 @@ the training loader's ``collate_fn``, workers and pinning), with ``eval_transfor
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple, Union
+from typing import TYPE_CHECKING, Any, Union
 
-import numpy as np
 import torch
-from torch.utils.data import (
-    BatchSampler,
-    DataLoader,
-    DistributedSampler,
-    IterableDataset,
-    RandomSampler,
-    Sampler,
-    SequentialSampler,
-    WeightedRandomSampler,
-)
+from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_evalguard._lightning import unwrap_distributed_sampler, user_overrides
+from lightning_evalguard._lightning import user_overrides
+from lightning_evalguard.cache import BatchCache, release
 from lightning_evalguard.isolation import find_attribute_holders
+from lightning_evalguard.sampling import (
+    IndexSampler,
+    MergedLastBatchSampler,
+    fixed_subset,
+    pads_samples,
+    sampled_indices,
+    shard,
+)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = [
-    "BatchCache",
-    "DevicePlacement",
+    "HOOK_NAME",
+    "CleanData",
     "CleanSource",
+    "LoaderArg",
     "SourceOptions",
     "build_sources",
-    "batch_nbytes",
-    "uncopyable",
-    "IndexSampler",
-    "MergedLastBatchSampler",
-    "fixed_subset",
-    "sampled_indices",
+    "fetch_in_main_process",
+    "first_indices",
+    "is_iterable_dataset",
     "named_loaders",
-    "pads_samples",
     "rebuild_loader",
     "resolve_batch_size",
-    "shard",
+    "transform_holders",
     "user_clean_loader",
+    "validation_transform",
 ]
 
 LoaderArg = Union["DataLoader[Any]", Callable[["pl.Trainer"], "DataLoader[Any]"], None]
 
+#: The method of a LightningDataModule or LightningModule that supplies a clean loader.
 HOOK_NAME = "clean_train_dataloader"
 
-
-def _parts(batch: Any) -> list[Any] | None:
-    # The items of a container a batch may be made of (mapping, tuple, list, dataclass), or None for a leaf.
-    if isinstance(batch, Mapping):
-        return list(batch.values())
-    if isinstance(batch, (tuple, list)):
-        return list(batch)
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        return [getattr(batch, item.name) for item in dataclasses.fields(batch)]
-    return None
-
-
-def batch_nbytes(batch: Any) -> int:
-    """The bytes held by the tensors and numpy arrays of a batch (in mappings, tuples, lists and dataclasses).
-
-    Args:
-        batch: A batch.
-
-    Returns:
-        The sum of ``element_size() * nelement()`` over its tensors, plus its arrays' ``nbytes``.
-    """
-    if isinstance(batch, torch.Tensor):
-        return batch.element_size() * batch.nelement()
-    if isinstance(batch, np.ndarray):
-        return int(batch.nbytes)
-    parts = _parts(batch)
-    return sum(batch_nbytes(part) for part in parts) if parts is not None else 0
-
-
-def uncopyable(batch: Any) -> str | None:
-    """The type of the first part of a batch that the cache cannot copy, or None when it can copy all of it.
-
-    The cache copies tensors and numpy arrays inside mappings, tuples, lists and dataclasses. Any other object with a
-    ``to`` method (which Lightning's transfer would move, e.g. a ``BatchEncoding``) could be changed in place by a
-    hook or a forward without the cache knowing, and holds memory the cache cannot count.
-
-    Args:
-        batch: A batch.
-
-    Returns:
-        The offending part's type name, or None.
-    """
-    if isinstance(batch, (torch.Tensor, np.ndarray)):
-        return None
-    parts = _parts(batch)
-    if parts is None:
-        return type(batch).__name__ if callable(getattr(batch, "to", None)) else None
-    for part in parts:
-        found = uncopyable(part)
-        if found is not None:
-            return found
-    return None
-
-
-def _copy(batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.clone()
-    if isinstance(batch, np.ndarray):
-        return batch.copy()
-    if isinstance(batch, Mapping):
-        return type(batch)({key: _copy(value) for key, value in batch.items()})  # type: ignore[call-arg]
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_copy(value) for value in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_copy(value) for value in batch)
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        copied = copy.copy(batch)
-        for item in dataclasses.fields(batch):
-            object.__setattr__(copied, item.name, _copy(getattr(batch, item.name)))
-        return copied
-    return batch
-
-
-class DevicePlacement(NamedTuple):
-    """Where a filling :class:`BatchCache` keeps its batches when not in host memory.
-
-    Attributes:
-        device: The accelerator device.
-        move: Brings a loader batch to ``device`` (idempotent).
-        max_bytes: The most device memory the batches may take.
-    """
-
-    device: torch.device
-    move: Callable[[Any], Any]
-    max_bytes: int
-
-
-class BatchCache:
-    """The clean batches of one source kept in memory after the first full pass, up to ``max_bytes``.
-
-    With augmentation off the clean batches are the same every epoch, so later passes skip loading, worker start-up
-    and transforms. The batches live in host memory as the loader yields them, or, when the pass that fills the
-    cache is given a ``to_device`` function, on the device as that function returns them (later passes then skip the
-    transfer too). Each pass reads copies, so a hook or a forward that changes a batch in place cannot change the
-    cache. If the batches outgrow ``max_bytes`` while filling, the cache is dropped and passes read the loader as
-    before.
-
-    Attributes:
-        max_bytes: The most memory the batches may take.
-        batches: The cached batches once a pass has filled the cache, else None.
-        nbytes: The bytes the cached batches take.
-        overflowed: Whether the batches outgrew ``max_bytes`` (the cache stays empty).
-        estimate: The size estimated at fit start (first batch times number of batches), or None.
-        device_estimate: The same for the batches as they reach the model (after the precision plugin's input
-            conversion), when they could live on the device; else None.
-        device: Where the cached batches live: None for host memory, as the loader yields them.
-        num_batches: How many batches the cache held when full (kept after :meth:`release`).
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        """Create an empty cache.
-
-        Args:
-            max_bytes: The most memory the batches may take.
-        """
-        self.max_bytes = max_bytes
-        self.batches: list[Any] | None = None
-        self.nbytes = 0
-        self.overflowed = False
-        self.estimate: int | None = None
-        self.device_estimate: int | None = None
-        self.device: torch.device | None = None
-        self.num_batches = 0
-
-    def release(self) -> None:
-        """Drop the cached batches (at the end of fit), keeping ``nbytes``, ``device`` and ``num_batches``."""
-        self.batches = None
-
-    @property
-    def filling(self) -> bool:
-        """Whether the next :meth:`read` would fill the cache (it is neither full nor dropped)."""
-        return self.batches is None and not self.overflowed
-
-    def read(
-        self,
-        loader: Iterable[Any],
-        max_batches: int | None,
-        to_device: DevicePlacement | None = None,
-    ) -> Iterator[Any]:
-        """Yield up to ``max_batches`` batches: from the cache once it is full, else from ``loader`` while filling it.
-
-        Args:
-            loader: The source's loader.
-            max_batches: The most batches a pass reads.
-            to_device: Keep the batches on ``to_device.device``: while filling, every loader batch goes through
-                ``to_device.move`` (which must be idempotent: the pass applies its own transfer again), and the moved
-                batch is yielded and cached, up to ``to_device.max_bytes`` as well. Ignored once the cache is full
-                or dropped.
-
-        Yields:
-            The batches (copies of the cached ones).
-        """
-        if self.batches is not None:
-            for batch in self.batches:
-                yield _copy(batch)
-            return
-        kept: list[Any] | None = None if self.overflowed else []
-        move = to_device.move if to_device is not None and kept is not None else None
-        limit = self.max_bytes if move is None or to_device is None else min(self.max_bytes, to_device.max_bytes)
-        size = 0
-        for count, batch in enumerate(loader, start=1):
-            if move is not None:
-                batch = move(batch)
-            if kept is not None:
-                size += batch_nbytes(batch)
-                if size > limit:
-                    kept, self.overflowed = None, True
-                else:
-                    kept.append(_copy(batch))
-            yield batch
-            if max_batches is not None and count >= max_batches:
-                break
-        if kept is not None:
-            self.batches, self.nbytes, self.num_batches = kept, size, len(kept)
-            self.device = to_device.device if move is not None and to_device is not None else None
+Warn = Callable[[str, str], None]
 
 
 @dataclass
@@ -262,56 +84,19 @@ class CleanSource:
     sampled: bool = False
     cache: BatchCache | None = None
 
+    @property
+    def num_batches(self) -> int | None:
+        """The number of batches a pass over this source reads, when known."""
+        try:
+            length = len(self.loader)  # type: ignore[arg-type]
+        except TypeError:
+            return self.max_batches
+        return length if self.max_batches is None else min(length, self.max_batches)
 
-class MergedLastBatchSampler(Sampler[list[int]]):
-    """Batches of ``batch_size`` indices in order; a last batch of a single sample joins the batch before it.
-
-    BatchNorm in train mode cannot normalise a batch of one sample, and the decomposition runs train-mode passes over
-    the very batches of the clean pass.
-    """
-
-    def __init__(self, indices: Sequence[int], batch_size: int) -> None:
-        """Store the indices and the batch size.
-
-        Args:
-            indices: The dataset indices, in order.
-            batch_size: The batch size.
-        """
-        self.indices, self.batch_size = list(indices), batch_size
-
-    def _batches(self) -> list[list[int]]:
-        batches = [self.indices[i : i + self.batch_size] for i in range(0, len(self.indices), self.batch_size)]
-        if len(batches) > 1 and len(batches[-1]) == 1:
-            batches[-2].extend(batches.pop())
-        return batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        """Iterate over the batches."""
-        return iter(self._batches())
-
-    def __len__(self) -> int:
-        """The number of batches."""
-        return len(self._batches())
-
-
-class IndexSampler(Sampler[int]):
-    """Yield a fixed list of dataset indices, in order, every epoch."""
-
-    def __init__(self, indices: Sequence[int]) -> None:
-        """Store the indices.
-
-        Args:
-            indices: The dataset indices to yield.
-        """
-        self.indices = list(indices)
-
-    def __iter__(self) -> Iterator[int]:
-        """Iterate over the indices in their stored order."""
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        """The number of indices."""
-        return len(self.indices)
+    @property
+    def where(self) -> str:
+        """How messages name this source: ``" training loader 'a'"`` with several loaders, else ``""``."""
+        return f" training loader {self.name!r}" if self.name else ""
 
 
 def named_loaders(train_dataloader: Any) -> list[tuple[str | None, Any]]:
@@ -390,86 +175,6 @@ def resolve_batch_size(train_loader: Any, batch_size: int | None) -> int:
             " Pass `batch_size=` to EvalGuard."
         )
     return found
-
-
-def fixed_subset(
-    universe: int | Sequence[int],
-    limit_batches: int | float | None,
-    batch_size: int,
-    seed: int,
-    stored: Sequence[int] | None,
-) -> list[int] | None:
-    """The fixed random subset of dataset indices that ``limit_batches`` selects, the same at every call.
-
-    It is drawn from a generator seeded with ``seed``, so every rank draws the same subset without communicating
-    and a resumed run draws it again; a subset restored from a checkpoint (``stored``) is reused when it still fits.
-
-    Args:
-        universe: The dataset indices the training loader reads (an int ``n`` for ``range(n)``).
-        limit_batches: A fraction of samples (float), a number of batches (int), or None for all.
-        batch_size: The clean-pass batch size, for an int ``limit_batches``.
-        seed: The seed of the draw.
-        stored: A subset restored from a checkpoint, or None.
-
-    Returns:
-        Sorted dataset indices, or None when the whole universe is evaluated.
-    """
-    candidates = range(universe) if isinstance(universe, int) else universe
-    num_samples = len(candidates)
-    if limit_batches is None:
-        return None
-    if isinstance(limit_batches, float):
-        size = min(num_samples, math.ceil(limit_batches * num_samples))
-    else:
-        size = min(num_samples, limit_batches * batch_size)
-    if size >= num_samples:
-        return None
-    allowed = set(candidates)
-    if stored is not None and len(stored) == size and all(index in allowed for index in stored):
-        return list(stored)
-    generator = torch.Generator().manual_seed(seed)
-    return sorted(candidates[position] for position in torch.randperm(num_samples, generator=generator)[:size].tolist())
-
-
-def sampled_indices(train_loader: DataLoader[Any]) -> tuple[list[int] | None, bool]:
-    """The dataset indices the training loader's sampler draws from.
-
-    ``SequentialSampler``, ``RandomSampler``, ``WeightedRandomSampler`` and the ``DistributedSampler`` Lightning
-    injects read the whole dataset; a sampler with an ``indices`` attribute (``SubsetRandomSampler``) reads those;
-    Lightning's ``DistributedSamplerWrapper`` is looked through.
-
-    Args:
-        train_loader: The training DataLoader.
-
-    Returns:
-        ``(sorted indices or None for the whole dataset, whether the sampler was of a kind not recognised)``.
-    """
-    sampler: Any = train_loader.sampler
-    batch_sampler = train_loader.batch_sampler
-    if batch_sampler is not None and not isinstance(batch_sampler, BatchSampler):
-        sampler = getattr(batch_sampler, "sampler", None)
-    sampler = unwrap_distributed_sampler(sampler)
-    indices = getattr(sampler, "indices", None)
-    if indices is not None:
-        return sorted({int(index) for index in indices}), False
-    whole = (SequentialSampler, RandomSampler, WeightedRandomSampler, DistributedSampler)
-    return None, not isinstance(sampler, whole)
-
-
-def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
-    """This rank's share of ``indices``, without padding: every index goes to exactly one rank.
-
-    The same split as Lightning's ``UnrepeatedDistributedSampler``: rank ``r`` takes ``indices[r::world_size]``.
-
-    Args:
-        indices: All indices, in order.
-        rank: This process's rank.
-        world_size: The number of processes.
-
-    Returns:
-        The indices this rank evaluates.
-    """
-    return list(indices[rank::world_size])
 
 
 def rebuild_loader(
@@ -592,24 +297,6 @@ def validation_transform(
     )
 
 
-def pads_samples(loader: Any) -> bool:
-    """Whether ``loader`` shards with a ``DistributedSampler`` that repeats samples to even out the ranks.
-
-    Args:
-        loader: A clean loader supplied by the user.
-
-    Returns:
-        True when its sampler is a padding ``DistributedSampler`` and the dataset does not divide evenly.
-    """
-    sampler = getattr(loader, "sampler", None)
-    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
-        return False
-    if type(sampler).__name__.startswith("Unrepeated"):
-        return False
-    return bool(sampler.total_size != len(sampler.dataset))  # type: ignore[arg-type]
-
-
-
 @dataclass(frozen=True)
 class SourceOptions:
     """The callback's arguments that decide where clean batches come from (see ``EvalGuard``)."""
@@ -629,7 +316,7 @@ def build_sources(
     pl_module: pl.LightningModule,
     options: SourceOptions,
     subsets: MutableMapping[str, list[int]],
-    warn: Callable[[str, str], None],
+    warn: Warn,
 ) -> list[CleanSource]:
     """The clean sources, by precedence: ``dataloader=``, the ``clean_train_dataloader`` hook, rebuilt loaders.
 
@@ -680,7 +367,7 @@ def _rebuilt_source(
     train_loader: Any,
     options: SourceOptions,
     subsets: MutableMapping[str, list[int]],
-    warn: Callable[[str, str], None],
+    warn: Warn,
 ) -> CleanSource:
     where = f"training loader {name!r}" if name is not None else "the training loader"
     if not isinstance(train_loader, DataLoader):
@@ -757,3 +444,129 @@ def _rebuilt_source(
         sampled=subset is not None,
         cache=cache,
     )
+
+
+class CleanData:
+    """The clean sources of one fit, built once (again when Lightning reloads the training loaders).
+
+    Attributes:
+        options: The callback's arguments that decide where clean batches come from.
+        subsets: The fixed ``limit_batches`` subsets by loader name (``""`` for a single loader), kept across fits
+            and in checkpoints so a resumed run evaluates the same samples.
+        sources: The sources built for the current fit, or None before they are built.
+    """
+
+    def __init__(self, options: SourceOptions, warn: Warn) -> None:
+        """Store the arguments.
+
+        Args:
+            options: The callback's arguments that decide where clean batches come from.
+            warn: ``(key, message)``: gives a warning once.
+        """
+        self.options = options
+        self.subsets: dict[str, list[int]] = {}
+        self.sources: list[CleanSource] | None = None
+        self._warn = warn
+        self._built_for: Any = None
+
+    def forget(self) -> None:
+        """Drop the sources (a new fit starts); the subsets stay."""
+        self.sources, self._built_for = None, None
+
+    def get(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[CleanSource]:
+        """The clean sources for the Trainer's current training loaders (see :func:`build_sources`).
+
+        Args:
+            trainer: The Trainer, with its training loaders loaded.
+            pl_module: The LightningModule.
+
+        Returns:
+            The sources.
+
+        Raises:
+            TypeError: As :func:`build_sources`.
+            ValueError: As :func:`build_sources`.
+        """
+        train_loaders = trainer.train_dataloader
+        if self.sources is None or self._built_for is not train_loaders:
+            self.sources = build_sources(trainer, pl_module, self.options, self.subsets, self._warn)
+            self._built_for = train_loaders
+        return self.sources
+
+    def eval_transform(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """The transform the passes set on the training datasets: ``eval_transform``, or the validation one for "val".
+
+        Args:
+            trainer: The Trainer.
+            pl_module: The LightningModule.
+
+        Returns:
+            The value set on the ``transform_attr`` of the sources' transform holders.
+
+        Raises:
+            ValueError: As :func:`validation_transform`.
+        """
+        sources = self.sources or []
+        value = self.options.eval_transform
+        if value != "val" or not any(source.transform_holders for source in sources):
+            return value
+        training = [holder for source in sources for holder in source.transform_holders]
+        return validation_transform(trainer, pl_module, self.options.transform_attr, training_holders=training)
+
+    def release_caches(self) -> None:
+        """Free the sources' cached batches (at the end of fit); their sizes stay readable."""
+        release(source.cache for source in self.sources or [])
+
+
+def first_indices(loader: Iterable[Any]) -> Any:
+    """The dataset indices of the loader's first batch, as its sampler gives them (drawing what the sampler draws).
+
+    Args:
+        loader: A clean loader.
+
+    Returns:
+        A list of indices (an index when the loader does not batch), or None for a loader that is not a DataLoader,
+        reads an ``IterableDataset`` or is empty.
+    """
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return None
+    sampler: Iterable[Any] = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    return next(iter(sampler), None)
+
+
+def fetch_in_main_process(loader: Iterable[Any], indices: Any) -> Any:
+    """The batch a loader yields for ``indices``, produced in this process (its workers, if any, are not started).
+
+    What the dataset and ``collate_fn`` draw while producing it then comes from this process's RNGs, where the
+    guards see it. A DataLoader's own seed draw for its workers uses a private generator.
+
+    Args:
+        loader: A clean loader.
+        indices: What :func:`first_indices` returned.
+
+    Returns:
+        The batch, or None when there is none.
+    """
+    if not isinstance(loader, DataLoader):
+        return next(iter(loader), None)
+    generator = torch.Generator()
+    if indices is not None:
+        if loader.batch_sampler is not None:
+            single: DataLoader[Any] = DataLoader(
+                loader.dataset, batch_sampler=[indices], collate_fn=loader.collate_fn, generator=generator
+            )
+        else:
+            single = DataLoader(
+                loader.dataset, sampler=[indices], batch_size=None, collate_fn=loader.collate_fn, generator=generator
+            )
+    elif isinstance(loader.dataset, IterableDataset):
+        single = DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            drop_last=loader.drop_last,
+            collate_fn=loader.collate_fn,
+            generator=generator,
+        )
+    else:
+        return None
+    return next(iter(single), None)

@@ -1,32 +1,27 @@
-"""One forward-only pass over a clean loader, with batches brought to the model the way Lightning's loops do."""
+"""How a clean batch reaches the model (the way Lightning's loops bring it) and what the forward must return."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torchmetrics import MetricCollection
-
-from lightning_evalguard._lightning import on_before_batch_transfer, user_overrides
-from lightning_evalguard.data import DevicePlacement
+from lightning_evalguard._lightning import base_batch_to_device, on_before_batch_transfer, user_overrides
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = [
-    "DEVICE_CACHE_SHARE",
+    "BATCH_HOOKS",
     "ForwardFn",
     "batch_path",
     "checked_forward",
     "default_batch_path",
     "default_forward",
-    "device_cache_placement",
     "prepare_batch",
-    "run_pass",
 ]
 
-_BATCH_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+#: The LightningModule / LightningDataModule hooks a batch passes through on its way to the model.
+BATCH_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
 
 ForwardFn = Callable[["pl.LightningModule", Any], "tuple[Any, Any]"]
 
@@ -92,8 +87,8 @@ def default_batch_path(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bo
         ``batch_to_device``: a batch then only goes through ``convert_input`` and ``move_data_to_device``.
     """
     datamodule = getattr(trainer, "datamodule", None)
-    overridden = any(user_overrides(pl_module, hook) or user_overrides(datamodule, hook) for hook in _BATCH_HOOKS)
-    return not overridden and _base_batch_to_device(trainer.strategy)
+    overridden = any(user_overrides(pl_module, hook) or user_overrides(datamodule, hook) for hook in BATCH_HOOKS)
+    return not overridden and base_batch_to_device(trainer.strategy)
 
 
 def batch_path(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[Any], Any]:
@@ -116,49 +111,6 @@ def batch_path(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[
 
     convert, device = trainer.precision_plugin.convert_input, trainer.strategy.root_device
     return lambda batch: move_data_to_device(convert(batch), device)
-
-
-DEVICE_CACHE_SHARE = 0.5
-"""The share of the device's free memory (measured when the cache fills) that a device cache may take."""
-
-
-def device_cache_placement(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, estimate: int | None, max_bytes: int
-) -> DevicePlacement | None:
-    """Where a batch cache that is about to fill keeps its batches: on the CUDA device when they fit, else None.
-
-    The device is chosen when the batches reach the model the default way (:func:`default_batch_path`: with a
-    transfer hook, the hook must see every batch, so the cache keeps the loader's batches in host memory) and the
-    estimated size is at most ``DEVICE_CACHE_SHARE`` of the device memory free at that moment. The cache fills during
-    the first clean pass, after a training epoch has reserved what training needs, so half of what is left stays
-    free for training to grow. While filling, the batches may take at most that share and ``max_bytes`` (else the
-    cache is dropped).
-
-    Args:
-        trainer: The Trainer.
-        pl_module: The LightningModule.
-        estimate: The estimated bytes of the batches as they reach the model, or None if they cannot live on the
-            device (see ``BatchCache.device_estimate``).
-        max_bytes: The cache's budget (``cache_max_bytes``).
-
-    Returns:
-        The placement, or None for host memory.
-    """
-    device = trainer.strategy.root_device
-    if device.type != "cuda" or estimate is None or not default_batch_path(trainer, pl_module):
-        return None
-    free, _total = torch.cuda.mem_get_info(device)
-    budget = min(int(free * DEVICE_CACHE_SHARE), max_bytes)
-    if estimate > budget:
-        return None
-    return DevicePlacement(device, batch_path(trainer, pl_module), budget)
-
-
-def _base_batch_to_device(strategy: Any) -> bool:
-    # Whether the strategy moves batches with the base Strategy.batch_to_device (no strategy-specific override).
-    method = getattr(type(strategy), "batch_to_device", None)
-    module = getattr(method, "__module__", None)
-    return module in ("lightning.pytorch.strategies.strategy", "pytorch_lightning.strategies.strategy")
 
 
 def checked_forward(
@@ -184,47 +136,7 @@ def checked_forward(
         return output[0], output[1]
     raise TypeError(
         "EvalGuard's `forward=` must return a (preds, target) pair for the metrics' update(preds, target),"
-        f" got {type(output).__name__}" + (f" of length {len(output)}" if isinstance(output, (tuple, list)) else "")
+        f" got {type(output).__name__}"
+        + (f" of length {len(output)}" if isinstance(output, (tuple, list)) else "")
         + "."
     )
-
-
-def run_pass(
-    trainer: pl.Trainer,
-    pl_module: pl.LightningModule,
-    loader: Iterable[Any],
-    metrics: MetricCollection,
-    forward: ForwardFn,
-    max_batches: int | None = None,
-    on_batch: Callable[[], Any] | None = None,
-) -> int:
-    """Feed every batch of ``loader`` through the model and update ``metrics``; return the number of batches.
-
-    Each batch goes through ``precision_plugin.convert_input``, ``on_before_batch_transfer`` and
-    ``strategy.batch_to_device`` (``transfer_batch_to_device`` and ``on_after_batch_transfer``), as in the training
-    loop, and the forward runs under the precision plugin's validation context (autocast for mixed precision).
-    Nothing here syncs with the host. The caller sets modes, grad mode, RNG and trainer stage.
-
-    Args:
-        trainer: The Trainer.
-        pl_module: The LightningModule (not the DDP wrapper: its forward would sync buffers per batch).
-        loader: The clean batches.
-        metrics: The metrics to update, already reset and on the module's device.
-        forward: Computes ``(preds, target)`` from the module and a batch.
-        max_batches: Stop after this many batches.
-        on_batch: Called after every batch (advances a progress bar).
-
-    Returns:
-        The number of batches evaluated.
-    """
-    batches = 0
-    to_device = batch_path(trainer, pl_module)
-    for batch in loader:
-        preds, target = checked_forward(trainer, pl_module, forward, to_device(batch))
-        metrics.update(preds, target)
-        batches += 1
-        if on_batch is not None:
-            on_batch()
-        if max_batches is not None and batches >= max_batches:
-            break
-    return batches

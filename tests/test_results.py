@@ -1,0 +1,65 @@
+"""The arithmetic on measured numbers, without a Trainer: gaps, effects, standard errors, history entries."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lightning_evalguard.results import (
+    Decomposition,
+    Subset,
+    binomial_stderr,
+    history_entry,
+    result_groups,
+    standard_errors,
+)
+
+
+def test_gap_is_clean_minus_running_for_the_metrics_with_a_running_value():
+    groups = result_groups({"acc": 0.9, "loss": 0.3}, {"acc": 0.8}, {})
+    assert groups["gap"] == {"acc": pytest.approx(0.1)}
+    assert groups["running"] == {"acc": 0.8} and groups["clean"] == {"acc": 0.9, "loss": 0.3}
+    assert groups["generalization"] == {} and "effect/train_mode" not in groups and "stderr" not in groups
+
+
+def test_generalization_is_clean_minus_validation():
+    groups = result_groups({"acc": 0.9}, {}, {"acc": 0.7})
+    assert groups["generalization"] == {"acc": pytest.approx(0.2)} and groups["gap"] == {}
+
+
+def test_the_three_effects_add_up_to_the_gap():
+    clean, running = {"acc": 0.91, "f1": 0.5}, {"acc": 0.74}
+    groups = result_groups(clean, running, {}, Decomposition({"acc": 0.85, "f1": 0.4}, {"acc": 0.8, "f1": 0.3}))
+    effects = [groups[f"effect/{kind}"] for kind in ("train_mode", "augmentation", "weight_drift")]
+    assert effects[0] == {"acc": pytest.approx(0.06), "f1": pytest.approx(0.1)}
+    assert effects[1] == {"acc": pytest.approx(0.05), "f1": pytest.approx(0.1)}
+    assert effects[2] == {"acc": pytest.approx(0.06)}  # only where a running value exists
+    assert sum(effect["acc"] for effect in effects) == pytest.approx(groups["gap"]["acc"])
+
+
+def test_standard_errors_only_for_accuracies_on_random_subsets():
+    clean = {"a/acc": 0.75, "a/f1": 0.5, "b/acc": 0.5, "c/acc": 0.9}
+    subsets = [Subset("a", 48, True), Subset("b", 100, False), Subset("c", 0, True)]
+    assert standard_errors(clean, ["acc"], subsets) == {"a/acc": pytest.approx(math.sqrt(0.75 * 0.25 / 48))}
+    assert standard_errors({"acc": 0.5}, ["acc"], [Subset(None, 25, True)]) == {"acc": pytest.approx(0.1)}
+
+
+def test_binomial_stderr_clamps_the_proportion():
+    assert binomial_stderr(1.0000001, 10) == 0.0 and binomial_stderr(-1e-9, 10) == 0.0
+    assert binomial_stderr(0.5, 100) == pytest.approx(0.05)
+
+
+def test_stderr_group_appears_only_when_there_are_standard_errors():
+    assert "stderr" not in result_groups({"acc": 0.5}, {}, {}, stderr={})
+    assert result_groups({"acc": 0.5}, {}, {}, stderr={"acc": 0.1})["stderr"] == {"acc": 0.1}
+
+
+def test_a_history_entry_holds_every_group_as_a_new_dict():
+    groups = result_groups({"acc": 0.9}, {"acc": 0.8}, {"acc": 0.7})
+    groups["time"] = {"pass_seconds": 0.25}
+    entry = history_entry(3, 120, groups, {"acc": 0.7})
+    assert list(entry) == ["epoch", "step", "clean", "running", "gap", "validation", "generalization", "time"]
+    assert (entry["epoch"], entry["step"], entry["validation"], entry["time"]) == (3, 120, {"acc": 0.7}, groups["time"])
+    entry["clean"]["acc"] = 0.0
+    assert groups["clean"]["acc"] == 0.9
