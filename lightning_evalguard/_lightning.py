@@ -150,16 +150,22 @@ def is_unrepeated_sampler(sampler: Any) -> bool:
     return type(sampler).__name__.startswith("Unrepeated")
 
 
-def is_tensorboard_logger(logger: Any) -> bool:
-    """Whether ``logger`` is a ``TensorBoardLogger`` of either Lightning namespace.
+def fit_validation_loaders(trainer: pl.Trainer) -> Any:
+    """The validation loaders passed to ``Trainer.fit``, before Lightning has loaded them; else None.
 
-    The class name is compared so that the standalone ``pytorch_lightning`` package is never imported (importing it
-    re-routes Lightning's log messages).
+    Lightning loads validation loaders lazily, when the first validation runs (``trainer.val_dataloaders`` is None
+    until then, e.g. with ``check_val_every_n_epoch=2``). It keeps where they come from in the fit loop's private
+    ``_DataLoaderSource`` (``loops/evaluation_loop.py``): the loaders themselves, or the module or datamodule whose
+    ``val_dataloader()`` gives them (the caller asks those itself). No public accessor exists.
 
     Args:
-        logger: One of ``trainer.loggers``.
+        trainer: The Trainer, during ``fit``.
 
     Returns:
-        True for a ``TensorBoardLogger``.
+        The loader or collection of loaders given to ``fit(val_dataloaders=...)``, or None.
     """
-    return type(logger).__name__ == "TensorBoardLogger"
+    source = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "val_loop", None)
+    instance = getattr(getattr(source, "_data_source", None), "instance", None)
+    if instance is None or hasattr(instance, "val_dataloader"):  # a LightningModule or LightningDataModule
+        return None
+    return instance

@@ -238,8 +238,8 @@ def _check_not_a_metric_class(name: str, value: Any) -> None:
 def check_metrics(metrics: Any) -> MetricCollection:
     """Check ``metrics`` and turn it into a private ``MetricCollection`` of clones.
 
-    The user's metric objects are never updated: each is cloned. Names are the mapping's keys, or for a single
-    ``Metric`` or a ``MetricCollection`` the names ``MetricCollection`` gives them (class name, prefix, postfix).
+    The user's metric objects are never updated: each is cloned. Names are the mapping's keys, the names a
+    ``MetricCollection`` gives without its prefix and postfix (its base names), or a single ``Metric``'s class name.
 
     Args:
         metrics: A ``Metric``, a ``MetricCollection`` or a mapping of names to ``Metric`` objects.
@@ -254,7 +254,9 @@ def check_metrics(metrics: Any) -> MetricCollection:
     """
     _check_not_a_metric_class("metrics", metrics)
     if isinstance(metrics, MetricCollection):
-        return metrics.clone()
+        collection = metrics.clone()
+        collection.prefix = collection.postfix = None  # base names: the collection's own keys are the running keys
+        return collection
     if isinstance(metrics, Metric):
         return MetricCollection(metrics.clone())
     if isinstance(metrics, Mapping):

@@ -67,8 +67,8 @@ def uncopyable(batch: Any) -> str | None:
     """The type of the first part of a batch that the cache cannot copy, or None when it can copy all of it.
 
     The cache copies tensors and numpy arrays inside mappings, tuples, lists and dataclasses. Any other object with a
-    ``to`` method (which Lightning's transfer would move, e.g. a ``BatchEncoding``) could be changed in place by a
-    hook or a forward without the cache knowing, and holds memory the cache cannot count.
+    ``to`` method (which Lightning's transfer would move, e.g. a PyTorch Geometric ``Batch``) could be changed in
+    place by a hook or a forward without the cache knowing, and holds memory the cache cannot count.
 
     Args:
         batch: A batch.

@@ -21,7 +21,7 @@ from lightning_evalguard.errors import EvalGuardError, EvalGuardWarning, add_not
 from lightning_evalguard.forward import ForwardFn, default_forward
 from lightning_evalguard.guards import GuardPolicy, snapshot, state_changes
 from lightning_evalguard.isolation import isolated_rng
-from lightning_evalguard.metrics import join_key, micro_accuracy_names
+from lightning_evalguard.metrics import collection_keys, join_key, micro_accuracy_names
 from lightning_evalguard.passes import Measured, Passes, PassKind, check_decomposable
 from lightning_evalguard.reference import References
 from lightning_evalguard.results import Decomposition, Subset, history_entry, result_groups, standard_errors
@@ -81,14 +81,16 @@ class EvalGuard(Callback, _StandaloneCallback):
 
     Args:
         metrics: A torchmetrics ``Metric``, a ``MetricCollection``, or a mapping of names to ``Metric`` objects.
-            They are cloned; the objects passed are never updated. Names are the mapping's keys, or the names
-            ``MetricCollection`` gives (the class name, with the collection's prefix and postfix).
+            They are cloned; the objects passed are never updated. Names are the mapping's keys, a single metric's
+            class name, or a collection's base names; for a collection with a prefix or postfix (the one the module
+            logs with ``self.log_dict``), the running key of each metric is the collection's own key.
         dataloader: An explicit clean loader, or a callable building one from the Trainer (called once per fit).
         eval_transform: A transform set on the training dataset's ``transform_attr`` during the pass (looked for
             through ``Subset`` and ``ConcatDataset``), or ``"val"`` to take the validation dataset's.
         transform_attr: The name of the dataset's transform attribute.
-        running: Metric name -> key in ``trainer.callback_metrics`` of the running metric. Without it, the first of
-            ``train_<name>``, ``train/<name>``, ``train_<name>_epoch``, ``train/<name>_epoch`` is used.
+        running: Metric name -> key in ``trainer.callback_metrics`` of the running metric. Without it, the key of a
+            collection with a prefix or postfix, else the first of ``train_<name>``, ``train/<name>``,
+            ``train_<name>_epoch``, ``train/<name>_epoch`` is used.
         forward: ``(module, batch) -> (preds, target)``. The default takes ``(inputs, target, ...)`` batches and
             returns ``(module(inputs), target)``.
         every_n_epochs: Run the pass after epochs where ``(current_epoch + 1) % every_n_epochs == 0``.
@@ -200,7 +202,7 @@ class EvalGuard(Callback, _StandaloneCallback):
             cache_max_bytes=self.cache_max_bytes if self.cache else None,
         )
         self._data = CleanData(options, self._warn_once)
-        self._references = References(self.running, self.val)
+        self._references = References({**collection_keys(metrics), **(self.running or {})}, self.val)
         self._validated_epoch: int | None = None
         self._trained_batches = 0  # training batches this process ran in the current epoch
 
@@ -221,6 +223,14 @@ class EvalGuard(Callback, _StandaloneCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        max_epochs = trainer.max_epochs
+        if isinstance(max_epochs, int) and 0 <= max_epochs < self.every_n_epochs:
+            self._warn_once(
+                "never",
+                f"EvalGuard(every_n_epochs={self.every_n_epochs}) evaluates after the epochs where (epoch + 1) is a"
+                f" multiple of {self.every_n_epochs}, but Trainer(max_epochs={max_epochs}) stops before the first:"
+                f" no clean pass will run. Pass every_n_epochs <= {max_epochs}.",
+            )
         if self.decompose:
             check_decomposable(trainer, pl_module, None)
         # Build (and so check) the clean data before the first training step, isolated from the training RNG.
@@ -228,10 +238,9 @@ class EvalGuard(Callback, _StandaloneCallback):
             sources = self._data.get(trainer, pl_module)
             if self.decompose:
                 check_decomposable(trainer, pl_module, sources)
-            if self.eval_transform == "val" and trainer.val_dataloaders is not None:
+            if self.eval_transform == "val":
                 self._data.eval_transform(trainer, pl_module)  # fails now rather than after an epoch
-            if self._policy.enabled:
-                self._passes.check_at_fit_start(trainer, pl_module, self._data)
+            self._passes.check_at_fit_start(trainer, pl_module, self._data)  # set-up checks; guards unless off
             if self.cache:
                 self._passes.size_caches(trainer, pl_module, self._data)
         names = [join_key(source.name, name) for source in sources for name in self.metric_names]

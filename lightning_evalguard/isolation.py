@@ -299,9 +299,10 @@ def find_generators(*roots: Any) -> list[Any]:
 
     Augmentation objects may keep their own generator (albumentations' ``A.Compose(..., seed=...)``, a transform
     holding ``np.random.default_rng()``), which restoring the global RNG states does not put back. The search follows
-    attributes (``__dict__`` and ``__slots__``), mappings, lists, tuples and sets; it skips tensors, arrays, strings,
-    numbers, classes, functions and modules, and containers of more than 256 items (data, not configuration). In an
-    ``nn.Module`` it follows the submodules and the attributes whose names do not start with ``_``.
+    attributes (``__dict__`` and ``__slots__``), mappings, lists, tuples and sets, a function's closure, defaults and
+    the globals it names (``transform=lambda x: aug(image=x)["image"]``), a bound method's object; it skips tensors,
+    arrays, strings, numbers, classes and modules, and containers of more than 256 items (data, not configuration).
+    In an ``nn.Module`` it follows the submodules and the attributes whose names do not start with ``_``.
 
     Args:
         *roots: Where to search, e.g. a dataset.
@@ -332,7 +333,19 @@ def find_generators(*roots: Any) -> list[Any]:
             if len(node) <= _MAX_SEARCHED_ITEMS:
                 stack.extend(node)
             continue
-        if isinstance(node, (types.FunctionType, types.MethodType, types.ModuleType)):
+        if isinstance(node, types.ModuleType):
+            continue
+        if isinstance(node, types.MethodType):
+            stack.extend((node.__self__, node.__func__))
+            continue
+        if isinstance(node, types.FunctionType):  # a transform written as a function: what it closes over or names
+            for cell in node.__closure__ or ():
+                try:
+                    stack.append(cell.cell_contents)
+                except ValueError:  # an empty cell
+                    pass
+            stack.extend(node.__globals__[name] for name in node.__code__.co_names if name in node.__globals__)
+            stack.extend(node.__defaults__ or ())
             continue
         attributes = getattr(node, "__dict__", None)
         if isinstance(node, nn.Module):  # its submodules and public attributes: not the Trainer, hooks or tensors

@@ -12,6 +12,7 @@ from lightning_evalguard.errors import add_note
 
 __all__ = [
     "check_fits",
+    "collection_keys",
     "flatten_scalars",
     "is_micro_accuracy",
     "micro_accuracy_names",
@@ -19,6 +20,24 @@ __all__ = [
     "running_candidates",
     "validation_candidates",
 ]
+
+
+def collection_keys(metrics: Any) -> dict[str, str]:
+    """The keys a ``MetricCollection`` with a prefix or postfix logs under, by base name (the running keys).
+
+    A module that logs ``self.log_dict(self.train_metrics(preds, target))`` with
+    ``train_metrics = MetricCollection(..., prefix="train_")`` logs ``train_<name>``; passed to EvalGuard, that
+    collection's metrics are named by their base names and compared with those keys.
+
+    Args:
+        metrics: The callback's ``metrics`` argument.
+
+    Returns:
+        ``{base name: prefixed and postfixed key}``; empty for anything but a collection with a prefix or postfix.
+    """
+    if not isinstance(metrics, MetricCollection) or not (metrics.prefix or metrics.postfix):
+        return {}
+    return {str(base): str(key) for base, key in zip(metrics.keys(keep_base=True), metrics.keys(), strict=True)}
 
 
 def flatten_scalars(computed: Mapping[str, Any]) -> dict[str, torch.Tensor]:

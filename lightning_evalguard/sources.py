@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_evalguard._lightning import user_overrides
+from lightning_evalguard._lightning import fit_validation_loaders, user_overrides
 from lightning_evalguard.cache import BatchCache, release
 from lightning_evalguard.isolation import find_attribute_holders
 from lightning_evalguard.sampling import (
@@ -252,8 +252,8 @@ def validation_transform(
 ) -> Any:
     """The transform of the validation dataset, for ``eval_transform="val"``.
 
-    The validation loaders the Trainer has loaded come first; before validation has run they are asked from the
-    datamodule's or the module's ``val_dataloader()``.
+    Found the way Lightning will find them: the loaders the Trainer has loaded; before validation has run, those
+    passed to ``fit(val_dataloaders=...)``, else the datamodule's or the module's ``val_dataloader()``.
 
     Args:
         trainer: The Trainer.
@@ -269,6 +269,8 @@ def validation_transform(
             the training set reads (both ``Subset`` of one dataset), whose transform is the training one.
     """
     loaders = trainer.val_dataloaders
+    if loaders is None:
+        loaders = fit_validation_loaders(trainer)
     if loaders is None:
         for owner in (getattr(trainer, "datamodule", None), pl_module):
             # `val_dataloader` exists on every LightningModule/LightningDataModule and raises unless overridden.

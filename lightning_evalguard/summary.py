@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_evalguard._lightning import is_tensorboard_logger
-
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
@@ -238,7 +236,7 @@ def write_tensorboard_layout(trainer: pl.Trainer, layout: Any) -> None:
     if not trainer.is_global_zero:
         return
     for logger in trainer.loggers:
-        if not is_tensorboard_logger(logger):
+        if not _is_tensorboard_logger(logger):
             continue
         writer: Any = getattr(logger, "experiment", None)
         if hasattr(writer, "add_custom_scalars"):
@@ -262,3 +260,24 @@ def print_summary(rows: list[dict[str, str]]) -> None:
         from rich.console import Console
 
         Console().print(rendered)
+
+
+def _is_tensorboard_logger(logger: Any) -> bool:
+    """Whether ``logger`` is a ``TensorBoardLogger`` (or a subclass) of either Lightning namespace.
+
+    The standalone ``pytorch_lightning`` package is checked only when the user has imported it: importing it here
+    would re-route Lightning's log messages.
+
+    Args:
+        logger: One of ``trainer.loggers``.
+
+    Returns:
+        True for a ``TensorBoardLogger`` or a subclass of one.
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    classes: list[type] = [TensorBoardLogger]
+    standalone = sys.modules.get("pytorch_lightning.loggers")
+    if standalone is not None and isinstance(getattr(standalone, "TensorBoardLogger", None), type):
+        classes.append(standalone.TensorBoardLogger)
+    return isinstance(logger, tuple(classes))

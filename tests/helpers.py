@@ -189,11 +189,13 @@ def assert_training_unchanged_by(
     n: int = 48,
     epochs: int = 3,
     seed: int = 0,
+    make_transform: Callable[[], Any] = NumpyNoise,
 ) -> pl.Callback:
     """Fit twice from the same seed, without and with the callback, and assert the weights are bit-identical.
 
-    The training data carries numpy augmentation in the dataset; the model may augment batches from torch's RNG.
-    Returns the callback, for checks on what it measured.
+    The training data carries augmentation in the dataset (``make_transform()``, numpy noise by default, made anew
+    for each fit); the model may augment batches from torch's RNG. Returns the callback, for checks on what it
+    measured.
     """
     weights = []
     callback = make_callback()
@@ -202,7 +204,7 @@ def assert_training_unchanged_by(
         x, y = make_tensors(n)
         model = make_model()
         trainer(tmp_path, max_epochs=epochs, deterministic=True, callbacks=callbacks).fit(
-            model, loader(TensorData(x, y, NumpyNoise()))
+            model, loader(TensorData(x, y, make_transform()))
         )
         weights.append({key: value.clone() for key, value in model.state_dict().items()})
     without, with_callback = weights

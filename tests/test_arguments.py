@@ -70,8 +70,9 @@ def test_wrong_argument_raises_naming_it(kwargs, error, match):
 
 def test_metric_names_follow_metric_collection():
     assert EvalGuard(macro_accuracy()).metric_names == ["MulticlassAccuracy"]
-    collection = MetricCollection([macro_accuracy()], prefix="p_")
-    assert EvalGuard(collection).metric_names == ["p_MulticlassAccuracy"]
+    collection = MetricCollection([macro_accuracy()], prefix="p_", postfix="_q")
+    assert EvalGuard(collection).metric_names == ["MulticlassAccuracy"]  # base names: the prefixed ones are the keys
+    assert collection.prefix == "p_" and list(collection.keys()) == ["p_MulticlassAccuracy_q"]  # the user's, as given
     assert sorted(EvalGuard({"acc": macro_accuracy(), "top": macro_accuracy()}).metric_names) == ["acc", "top"]
 
 

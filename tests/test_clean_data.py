@@ -218,7 +218,9 @@ def test_batches_go_through_the_transfer_hooks_with_trainer_training_false(tmp_p
     guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")}, guards="off")
     pl_trainer = fit(tmp_path, guard, model, max_epochs=2, train_dataloaders=loader(TensorData(x, y)))
     pass_calls = [name for name, training in model.calls if not training]
-    assert pass_calls == ["before", "transfer", "after"] * 3 * 2  # 3 batches, 2 passes
+    assert pass_calls == ["before", "transfer", "after"] * (
+        1 + 3 * 2
+    )  # the fit-start check's batch; 3 batches, 2 passes
     assert pl_trainer.training is False  # after fit; during fit the stage was restored before logging
     # normalisation ran, augmentation did not: the clean value is the deterministic normalised computation
     assert guard.history[-1]["clean"]["acc"] == pytest.approx(accuracy(model, x * 2.0 - 1.0, y), abs=1e-6)
@@ -235,7 +237,7 @@ def test_datamodule_batch_hooks_are_used_like_in_training(tmp_path):
 
     guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, guards="off")
     fit(tmp_path, guard, datamodule=Hooked(x, y))
-    assert calls.count(False) == 4  # the clean loader of the datamodule hook: 20 samples, batch 5
+    assert calls.count(False) == 1 + 4  # the fit-start check's batch; the datamodule hook's loader: 20 samples, batch 5
 
 
 def test_forward_runs_under_the_precision_context(tmp_path):
@@ -249,7 +251,7 @@ def test_forward_runs_under_the_precision_context(tmp_path):
     guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, forward=forward, guards="off")
     pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[guard], precision="bf16-mixed")
     pl_trainer.fit(Classifier("linear"), loader(TensorData(x, y)))
-    assert autocast == [True]
+    assert autocast == [True, True]  # the fit-start check's forward, then the pass's one batch
 
 
 class IndexData(TensorData):
@@ -378,7 +380,7 @@ def test_batch_size_argument_sets_the_clean_batch_size(tmp_path):
         {"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, batch_size=32, forward=forward, guards="off"
     )
     fit(tmp_path, guard, train_dataloaders=loader(TensorData(x, y), batch_size=4))
-    assert sizes == [32, 8]
+    assert sizes == [32, 32, 8]  # the fit-start check's first batch, then the pass
 
 
 def test_default_forward_rejects_a_batch_it_cannot_split(tmp_path):
@@ -446,11 +448,11 @@ def test_no_pass_during_validate_test_or_predict(tmp_path):
     model = Everything("linear")
     data = loader(TensorData(x, y))
     pl_trainer.fit(model, data, val_dataloaders=loader(TensorData(x, y)))
-    assert len(forwards) == 1
+    assert len(forwards) == 2  # the fit-start check and the pass, not the sanity check
     pl_trainer.validate(model, loader(TensorData(x, y)))
     pl_trainer.test(model, loader(TensorData(x, y)))
     pl_trainer.predict(model, loader(TensorData(x, y)))
-    assert len(forwards) == 1 and len(guard.history) == 1
+    assert len(forwards) == 2 and len(guard.history) == 1
 
 
 def test_dataset_augmentation_is_off_but_numpy_noise_dataset_is_measured_clean(tmp_path):

@@ -145,9 +145,10 @@ def test_cached_passes_read_the_dataset_once_and_give_the_same_values(tmp_path):
     plain, plain_data = run_cached(tmp_path, False)
     cached, cached_data = run_cached(tmp_path, True)
     training_reads = 3 * 48
-    assert plain_data.reads - training_reads == 3 * 24
-    # the budget check at fit start reads one batch (16); then only the first pass reads the 24 subset samples
-    assert cached_data.reads - training_reads == 16 + 24
+    # the set-up check at fit start reads one batch (16), then every pass the 24 subset samples
+    assert plain_data.reads - training_reads == 16 + 3 * 24
+    # the set-up check and the budget check read one batch each (16); then only the first pass reads the subset
+    assert cached_data.reads - training_reads == 16 + 16 + 24
     assert [e["clean"] for e in cached.history] == [e["clean"] for e in plain.history]
 
 
@@ -370,7 +371,8 @@ def test_a_batch_the_cache_cannot_copy_is_not_cached_and_says_so(tmp_path):
             HooklessClassifier("linear"), loader(data, collate_fn=collate)
         )
     assert [source.cache for source in clean_sources(guard)] == [None]
-    assert data.reads == 2 * 32 + 16 + 2 * 32  # training, the budget check's batch, two uncached passes
+    # training, the set-up check's and the budget check's batches, two uncached passes
+    assert data.reads == 2 * 32 + 16 + 16 + 2 * 32
 
 
 def test_the_cache_copies_and_sizes_dataclass_and_numpy_batches():
@@ -395,3 +397,22 @@ def test_the_cache_copies_and_sizes_dataclass_and_numpy_batches():
     copied.x.add_(1)
     copied.extra["mask"][0] = 7
     assert batch.x.sum() == 0 and batch.extra["mask"][0] == 0
+
+
+def test_a_dict_with_its_own_to_method_is_copied_and_sized_like_a_dict():
+    # transformers' BatchEncoding is a UserDict with a `to` method: a mapping of tensors, which the cache copies
+    from collections import UserDict
+
+    from lightning_evalguard.cache import _copy, batch_nbytes, uncopyable
+
+    class Encoding(UserDict):  # type: ignore[type-arg]
+        def to(self, device: Any) -> Encoding:
+            return Encoding({key: value.to(device) for key, value in self.items()})
+
+    batch = Encoding({"input_ids": torch.zeros(2, 5, dtype=torch.int64), "attention_mask": torch.ones(2, 5)})
+    assert uncopyable(batch) is None
+    assert batch_nbytes(batch) == 2 * 5 * 8 + 2 * 5 * 4
+    copied = _copy(batch)
+    assert type(copied) is Encoding
+    copied["input_ids"].add_(1)
+    assert batch["input_ids"].sum() == 0

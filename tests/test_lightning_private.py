@@ -102,15 +102,6 @@ def test_lightnings_unrepeated_samplers_are_still_named_so():
     assert not is_unrepeated_sampler(torch.utils.data.DistributedSampler(data, num_replicas=2, rank=0))
 
 
-def test_the_tensorboard_logger_is_still_named_so(tmp_path):
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    from lightning_evalguard._lightning import is_tensorboard_logger
-
-    assert is_tensorboard_logger(TensorBoardLogger(tmp_path))
-    assert not is_tensorboard_logger(CSVLogger(tmp_path))
-
-
 def test_lightnings_default_hooks_still_live_in_its_own_modules():
     from lightning_evalguard._lightning import user_overrides
 
@@ -124,3 +115,22 @@ def test_lightnings_default_hooks_still_live_in_its_own_modules():
     assert user_overrides(pl.LightningDataModule(), "val_dataloader") is False
     assert user_overrides(Hooked("linear"), "transfer_batch_to_device") is True
     assert user_overrides(Classifier("linear"), "on_after_batch_transfer") is True
+
+
+def test_the_fit_loop_still_keeps_the_validation_loaders_passed_to_fit(tmp_path):
+    from lightning_evalguard._lightning import fit_validation_loaders
+
+    seen: list[Any] = []
+
+    class Read(pl.Callback):
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            seen.append((trainer.val_dataloaders, fit_validation_loaders(trainer)))
+
+    x, y = make_tensors(16)
+    val = loader(TensorData(x, y))
+    pl_trainer = trainer(tmp_path, max_epochs=1, check_val_every_n_epoch=2, callbacks=[Read()])
+    pl_trainer.fit(Classifier("linear"), loader(TensorData(x, y)), val)
+    assert seen == [(None, val)]  # not loaded yet, but kept where EvalGuard looks
+    pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[Read()])
+    pl_trainer.fit(Classifier("linear"), loader(TensorData(x, y)))
+    assert seen[-1] == (None, None)  # the module is the source: the caller asks its val_dataloader()

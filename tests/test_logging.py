@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchmetrics import MetricCollection
 
 from lightning_evalguard import EvalGuard, EvalGuardWarning
 
@@ -257,3 +258,31 @@ def test_resuming_from_a_checkpoint_taken_at_validation_end_gives_no_misleading_
         )
     assert [entry["epoch"] for entry in guard.history] == [0, 1]
     assert guard.history[-1]["running"] and guard.history[-1]["generalization"]
+
+
+class LogsItsCollection(Classifier):
+    """Logs its own MetricCollection the torchmetrics way: prefixed keys through log_dict."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__("linear")
+        self.train_metrics = MetricCollection({"acc": micro_accuracy()}, prefix=prefix)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        self.log_dict(self.train_metrics(logits, y), on_step=False, on_epoch=True)
+        return torch.nn.functional.cross_entropy(logits, y)
+
+
+@pytest.mark.parametrize("prefix", ["train_", "train/", "fit-"])
+def test_the_collection_the_module_logs_can_be_passed_as_it_is(tmp_path, prefix):
+    x, y = make_tensors(32)
+    model = LogsItsCollection(prefix)
+    guard = EvalGuard(model.train_metrics)
+    pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[guard])
+    pl_trainer.fit(model, loader(TensorData(x, y)))
+    assert guard.metric_names == ["acc"]
+    running = float(pl_trainer.callback_metrics[f"{prefix}acc"])
+    assert float(pl_trainer.callback_metrics["evalguard/running/acc"]) == pytest.approx(running)
+    clean = guard.history[-1]["clean"]["acc"]
+    assert float(pl_trainer.callback_metrics["evalguard/gap/acc"]) == pytest.approx(clean - running)

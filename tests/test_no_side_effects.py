@@ -160,7 +160,7 @@ def test_every_module_is_in_eval_mode_and_inference_mode_during_the_pass(tmp_pat
     x, y = make_tensors(40)
     model = ModesDuringPass()
     trainer(tmp_path, max_epochs=1, callbacks=[guard(guards="off")]).fit(model, loader(TensorData(x, y)))
-    assert len(model.modes_in_pass) == 3
+    assert len(model.modes_in_pass) == 1 + 3  # the fit-start check's forward, then the pass's three batches
     assert all(not any(modes) for modes in model.modes_in_pass)
     assert all(model.grad_in_pass)
 
@@ -233,7 +233,8 @@ def test_the_rebuilt_loader_draws_nothing_from_the_global_rng(tmp_path):
     states: dict[str, torch.Tensor] = {}
 
     def forward(module: pl.LightningModule, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        states.setdefault("first_batch", torch.get_rng_state())
+        if module.trainer.global_step > 0:  # the pass, not the fit-start check
+            states.setdefault("first_batch", torch.get_rng_state())
         return module(batch[0]), batch[1]
 
     pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[guard(forward=forward, guards="off", seed=5)])
@@ -250,7 +251,7 @@ class Explodes(Classifier):
         self.net[1].eval()  # a frozen BatchNorm must come back frozen after the error too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.trainer.training:
+        if not self.trainer.training and self.global_step > 0:  # in the pass, not in the fit-start check
             torch.rand(3)
             np.random.rand(3)
             raise ZeroDivisionError("boom in forward")

@@ -142,3 +142,20 @@ def test_other_loggers_are_left_alone(tmp_path):
     events = EventAccumulator(tensorboard.log_dir, size_guidance={"tensors": 0})
     events.Reload()
     assert "custom_scalars__config__" in events.Tags()["tensors"]
+
+
+def test_a_subclass_of_the_tensorboard_logger_gets_the_dashboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class TeamLogger(TensorBoardLogger):
+        """A team's own TensorBoardLogger with another name."""
+
+    x, y = make_tensors(16)
+    logger = TeamLogger(tmp_path, name="team")
+    guard = EvalGuard({"acc": macro_accuracy()})
+    trainer(tmp_path, max_epochs=1, callbacks=[guard], logger=logger).fit(
+        Classifier("linear"), loader(TensorData(x, y))
+    )
+    events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    assert "custom_scalars__config__" in events.Tags()["tensors"]
