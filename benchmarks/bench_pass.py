@@ -54,8 +54,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_evalguard import EvalGuard
-from lightning_evalguard.callback import EvalGuardWarning
+from lightning_evalguard import EvalGuard, EvalGuardWarning
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)
@@ -355,6 +354,10 @@ class TimedEvalGuard(EvalGuard):
         sync(self.device)
         self.seconds.append(time.perf_counter() - start)
 
+    def caches(self) -> list[Any]:
+        """The caches of the clean sources (EvalGuard keeps its sources private: the benchmark reads them only here)."""
+        return [source.cache for source in self._data.sources or [] if source.cache is not None]
+
 
 def time_minimal(model: Classifier, loader: DataLoader, metric: MulticlassAccuracy, device: str) -> float:
     """(a) The minimal loop; the model and metric are already on ``device``."""
@@ -503,7 +506,7 @@ def run_cache_timings(
         cached = fit_with_guard(model, dataset, args, workers, cache=True, train_batches=1)
         samples["first"].append(cached.seconds[0])
         samples["cached"].append(cached.seconds[-1])
-        caches = [source.cache for source in cached._sources or [] if source.cache is not None]
+        caches = cached.caches()
         if not caches or caches[0].num_batches == 0:  # the batches themselves are freed at the end of fit
             raise RuntimeError("EvalGuard(cache=True) did not fill its cache: the cached case would not be one.")
         cache_info = {

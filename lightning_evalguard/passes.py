@@ -83,7 +83,6 @@ def pass_context(
     pl_module: pl.LightningModule,
     source: CleanSource,
     kind: PassKind,
-    transform_attr: str,
     eval_transform: Any,
 ) -> Iterator[None]:
     """Set up one pass over ``source``, and restore everything it set afterwards, also when the body raises.
@@ -97,7 +96,6 @@ def pass_context(
         pl_module: The LightningModule.
         source: The clean source the pass reads.
         kind: The pass.
-        transform_attr: The datasets' transform attribute.
         eval_transform: The value set on it (clean pass and pass B).
 
     Yields:
@@ -111,7 +109,7 @@ def pass_context(
         if kind is not PassKind.AUGMENTED:
             stack.enter_context(trainer_not_training(trainer))
             if source.transform_holders:
-                stack.enter_context(swapped_attribute(source.transform_holders, transform_attr, eval_transform))
+                stack.enter_context(swapped_attribute(source.transform_holders, source.transform_attr, eval_transform))
         stack.enter_context(torch.inference_mode() if uses_inference_mode(trainer) else torch.no_grad())
         if source.mechanism != "rebuilt":
             stack.enter_context(preserved_generator(getattr(source.loader, "generator", None)))
@@ -256,16 +254,15 @@ class Passes:
         """
         sources = data.get(trainer, pl_module)
         eval_value = data.eval_transform(trainer, pl_module)
-        attr = data.options.transform_attr
         model_batch: Any = None
         for source in sources:
-            with pass_context(trainer, pl_module, source, PassKind.CLEAN, attr, eval_value):
+            with pass_context(trainer, pl_module, source, PassKind.CLEAN, eval_value):
                 batch = self._first_batch(trainer, pl_module, source)
             if model_batch is None:
                 model_batch = batch
         culprit, drew = None, False
         # Entered on every rank (it broadcasts rank 0's buffers), also one whose shard is empty.
-        with pass_context(trainer, pl_module, sources[0], PassKind.CLEAN, attr, eval_value):
+        with pass_context(trainer, pl_module, sources[0], PassKind.CLEAN, eval_value):
             if model_batch is not None:
                 preds, target = checked_forward(trainer, pl_module, self.forward, model_batch)
                 check_fits(self.template, preds, target)
@@ -344,7 +341,7 @@ class Passes:
         for source in sources:
             if source.cache is None:  # the same on every rank
                 continue
-            with pass_context(trainer, pl_module, source, PassKind.CLEAN, data.options.transform_attr, eval_value):
+            with pass_context(trainer, pl_module, source, PassKind.CLEAN, eval_value):
                 first = next(iter(source.loader), None)
                 converted = trainer.precision_plugin.convert_input(first) if first is not None else None
             batches = source.num_batches or 0
@@ -380,7 +377,7 @@ class Passes:
         for kind in kinds:
             for source in sources:
                 reseed(self.seed)
-                with pass_context(trainer, pl_module, source, kind, data.options.transform_attr, eval_value):
+                with pass_context(trainer, pl_module, source, kind, eval_value):
                     watch = kind is PassKind.CLEAN and self.policy.enabled
                     inside = snapshot(trainer, pl_module) if watch else None
                     computed = self._pass_over(trainer, pl_module, source, kind)

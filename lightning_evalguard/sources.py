@@ -34,11 +34,14 @@ __all__ = [
     "HOOK_NAME",
     "CleanData",
     "CleanSource",
+    "FormatTransformView",
     "LoaderArg",
     "SourceOptions",
     "build_sources",
     "fetch_in_main_process",
     "first_indices",
+    "format_transform",
+    "is_hf_dataset",
     "is_iterable_dataset",
     "named_loaders",
     "rebuild_loader",
@@ -66,6 +69,7 @@ class CleanSource:
         mechanism: ``"dataloader"``, ``"hook"`` or ``"rebuilt"``.
         max_batches: Stop after this many batches (None: read the loader to its end).
         transform_holders: Datasets whose transform attribute is swapped for the pass (rebuilt loaders only).
+        transform_attr: The attribute swapped on them (``transform`` on a :class:`FormatTransformView`).
         generator: The loader's own generator, re-seeded before each pass (rebuilt loaders only).
         num_samples: Samples this process evaluates, when known.
         total_samples: Samples all processes evaluate together, when known.
@@ -78,6 +82,7 @@ class CleanSource:
     mechanism: str
     max_batches: int | None = None
     transform_holders: list[Any] = field(default_factory=list)
+    transform_attr: str = "transform"
     generator: torch.Generator | None = None
     num_samples: int | None = None
     total_samples: int | None = None
@@ -184,6 +189,7 @@ def rebuild_loader(
     generator: torch.Generator,
     merge_single_last: bool = False,
     persistent_workers: bool = False,
+    dataset: Any = None,
 ) -> DataLoader[Any]:
     """A sequential loader over the training loader's dataset, keeping how it loads (collate, workers, pinning).
 
@@ -195,6 +201,7 @@ def rebuild_loader(
         merge_single_last: Join a last batch of one sample to the batch before it (for train-mode passes).
         persistent_workers: Keep the worker processes alive between passes (when the training loader does). They
             keep the dataset as it was when they started, with the eval transform set: only for clean passes.
+        dataset: The dataset to read instead of the training loader's (a :class:`FormatTransformView` of it).
 
     Returns:
         The clean DataLoader (``drop_last=False``, no shuffling).
@@ -219,7 +226,7 @@ def rebuild_loader(
         kwargs.update(batch_size=batch_size, shuffle=False, drop_last=False)
         if indices is not None:
             kwargs["sampler"] = IndexSampler(indices)
-    return DataLoader(train_loader.dataset, **kwargs)
+    return DataLoader(train_loader.dataset if dataset is None else dataset, **kwargs)
 
 
 def is_iterable_dataset(loader: Any) -> bool:
@@ -283,7 +290,16 @@ def validation_transform(
             " validation dataloader. Pass the clean transform itself: eval_transform=<callable>."
         )
     for _, loader in named_loaders(loaders):
-        holders = find_attribute_holders(getattr(loader, "dataset", None), attr)
+        dataset = getattr(loader, "dataset", None)
+        holders = find_attribute_holders(dataset, attr)
+        if not holders and is_hf_dataset(dataset):
+            if any(getattr(holder, "dataset", None) is dataset for holder in training_holders):
+                raise ValueError(
+                    "EvalGuard(eval_transform='val'): the validation and training sets are the same Hugging Face"
+                    " dataset object, so its format transform is the training one. Pass the clean transform itself:"
+                    " eval_transform=<callable>."
+                )
+            return format_transform(dataset)
         if holders:
             if any(holders[0] is holder for holder in training_holders):
                 raise ValueError(
@@ -380,14 +396,20 @@ def _rebuilt_source(
         )
     batch_size = resolve_batch_size(train_loader, options.batch_size)
     holders: list[Any] = []
+    dataset, attr = train_loader.dataset, options.transform_attr
     if options.eval_transform is not None:
-        holders = transform_holders(train_loader, options.transform_attr)
+        holders = transform_holders(train_loader, attr)
+        if not holders and is_hf_dataset(dataset):
+            dataset = FormatTransformView(dataset)
+            holders, attr = [dataset], "transform"
         if not holders:
             raise ValueError(
-                f"EvalGuard(eval_transform=...) sets the dataset attribute {options.transform_attr!r}, but the"
-                f" dataset of {where} ({type(train_loader.dataset).__name__}) has none, also through Subset and"
-                " ConcatDataset. Set `transform_attr=` to the attribute your dataset uses, or pass"
-                " `dataloader=` to EvalGuard."
+                f"EvalGuard(eval_transform=...) switches augmentation off by setting the dataset attribute {attr!r},"
+                f" but the dataset of {where} ({type(train_loader.dataset).__name__}) has none, also through Subset"
+                " and ConcatDataset, and it is not a Hugging Face datasets.Dataset (whose format transform EvalGuard"
+                " replaces with with_transform). Set `transform_attr=` to the attribute that holds your transform,"
+                " or give the clean data yourself: `dataloader=` to EvalGuard, or `clean_train_dataloader()` on your"
+                " LightningDataModule or LightningModule."
             )
     generator = torch.Generator()
     cache = BatchCache(options.cache_max_bytes) if options.cache_max_bytes is not None else None
@@ -407,7 +429,7 @@ def _rebuilt_source(
                 " then multiply by the number of ranks; pass `dataloader=` with a sharded loader to avoid it.",
             )
         loader = rebuild_loader(train_loader, None, batch_size, generator)
-        return CleanSource(name, loader, "rebuilt", options.limit_batches, holders, generator, cache=cache)
+        return CleanSource(name, loader, "rebuilt", options.limit_batches, holders, attr, generator, cache=cache)
     num_samples = len(train_loader.dataset)  # type: ignore[arg-type]
     if num_samples == 0:
         warn(f"empty:{name}", f"The dataset of {where} is empty: EvalGuard logs nothing for it.")
@@ -432,7 +454,13 @@ def _rebuilt_source(
     # Persistent workers would keep the eval transform for pass C too: only without decomposition.
     persistent = bool(train_loader.persistent_workers) and not options.decompose
     loader = rebuild_loader(
-        train_loader, local, batch_size, generator, merge_single_last=options.decompose, persistent_workers=persistent
+        train_loader,
+        local,
+        batch_size,
+        generator,
+        merge_single_last=options.decompose,
+        persistent_workers=persistent,
+        dataset=dataset,
     )
     return CleanSource(
         name,
@@ -440,12 +468,93 @@ def _rebuilt_source(
         "rebuilt",
         None,
         holders,
+        attr,
         generator,
         num_samples=len(local),
         total_samples=len(indices),
         sampled=subset is not None,
         cache=cache,
     )
+
+
+def is_hf_dataset(dataset: Any) -> bool:
+    """Whether ``dataset`` is a map-style Hugging Face ``datasets.Dataset`` (checked without importing ``datasets``).
+
+    Args:
+        dataset: A training or validation dataset.
+
+    Returns:
+        True for a ``datasets.Dataset`` (or a subclass): it has ``with_transform`` and a ``format``.
+    """
+    module = type(dataset).__module__ or ""
+    return (
+        module.split(".")[0] == "datasets"
+        and callable(getattr(dataset, "with_transform", None))
+        and isinstance(getattr(dataset, "format", None), dict)
+        and not isinstance(dataset, IterableDataset)
+    )
+
+
+def format_transform(dataset: Any) -> Any:
+    """The format transform of a Hugging Face dataset (``set_transform``/``with_transform``), or None.
+
+    Args:
+        dataset: A ``datasets.Dataset``.
+
+    Returns:
+        The transform, or None when its format has none.
+    """
+    return dataset.format.get("format_kwargs", {}).get("transform")
+
+
+class FormatTransformView(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """A Hugging Face ``datasets.Dataset`` read through a format transform that EvalGuard can swap.
+
+    Setting ``transform`` makes the view read ``dataset.with_transform(value)`` (a new object, with the same columns);
+    setting it back to the dataset's own transform reads the dataset itself. The training dataset is never changed.
+
+    Attributes:
+        dataset: The training dataset.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        """Wrap the dataset; the view reads it with its own format until ``transform`` is set.
+
+        Args:
+            dataset: A ``datasets.Dataset``.
+        """
+        self.dataset = dataset
+        self._own = format_transform(dataset)
+        self._reading = dataset
+        self._transform = self._own
+
+    @property
+    def transform(self) -> Any:
+        """The format transform the view reads with."""
+        return self._transform
+
+    @transform.setter
+    def transform(self, value: Any) -> None:
+        self._transform = value
+        if value is self._own:
+            self._reading = self.dataset
+        else:
+            columns = self.dataset.format.get("columns")
+            all_columns = bool(self.dataset.format.get("output_all_columns", False))
+            self._reading = self.dataset.with_transform(value, columns=columns, output_all_columns=all_columns)
+
+    def __len__(self) -> int:
+        """The number of samples."""
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        """One sample, through the current transform."""
+        return self._reading[index]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        """Several samples at once, as ``datasets.Dataset`` gives them to a DataLoader."""
+        getitems = getattr(self._reading, "__getitems__", None)
+        return list(getitems(indices)) if callable(getitems) else [self._reading[index] for index in indices]
 
 
 class CleanData:

@@ -122,7 +122,11 @@ def test_eval_transform_without_the_attribute_fails_before_training(tmp_path):
 
     model = NoTraining("linear")
     guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, eval_transform=Tag(0.0))
-    with pytest.raises(ValueError, match=r"sets the dataset attribute 'transform'.*NoTransform.*transform_attr="):
+    with pytest.raises(
+        ValueError,
+        match=r"by setting the dataset attribute 'transform', but the dataset of the training loader \(NoTransform\) has"
+        r" none.*not a Hugging Face datasets.Dataset.*`transform_attr=`.*`dataloader=`.*`clean_train_dataloader\(\)`",
+    ):
         fit(tmp_path, guard, model, train_dataloaders=loader(NoTransform(x, y)))
 
 
