@@ -356,7 +356,7 @@ def watching_batch_hooks(owners: Sequence[Any], drew: list[str]) -> Iterator[Non
 
 #: What a pass calls, named in the messages of the guards inside and after a pass.
 _HOOK_CALLS = "on_before_batch_transfer, transfer_batch_to_device, on_after_batch_transfer, forward"
-_PASS_CALLS = _HOOK_CALLS.replace("forward", "the forward")
+_PASS_CALLS = "on_before_batch_transfer, transfer_batch_to_device, on_after_batch_transfer, the forward"
 
 
 class GuardPolicy:

@@ -96,3 +96,29 @@ def test_the_main_class_is_also_a_pytorch_lightning_callback_when_that_was_impor
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_subclass_of_the_standalone_tensorboard_logger_gets_the_dashboard(tmp_path):
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class TeamLogger(TensorBoardLogger):
+        """A team's own TensorBoardLogger of the standalone package."""
+
+    x, y = make_tensors(16)
+    logger = TeamLogger(tmp_path, name="team")
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)}, eval_transform=nn.Identity())
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[guard],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(StandaloneClassifier(), torch.utils.data.DataLoader(TensorData(x, y), batch_size=8))
+    events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    assert "custom_scalars__config__" in events.Tags()["tensors"]
