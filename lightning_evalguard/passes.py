@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,14 @@ from torchmetrics import MetricCollection
 
 from lightning_evalguard._lightning import uses_inference_mode
 from lightning_evalguard.cache import device_cache_placement, size_at_fit_start
-from lightning_evalguard.distributed import broadcast_buffers, total
+from lightning_evalguard.distributed import (
+    any_rank,
+    any_reading,
+    broadcast_buffers,
+    plan_pass,
+    shared_batch,
+    total,
+)
 from lightning_evalguard.forward import ForwardFn, batch_path, checked_forward, default_batch_path, prepare_batch
 from lightning_evalguard.guards import (
     GuardPolicy,
@@ -45,7 +53,13 @@ from lightning_evalguard.isolation import (
 )
 from lightning_evalguard.metrics import check_fits, flatten_scalars, join_key
 from lightning_evalguard.progress import pass_progress
-from lightning_evalguard.sources import CleanData, CleanSource, fetch_in_main_process, first_indices
+from lightning_evalguard.sources import (
+    CleanData,
+    CleanSource,
+    fetch_in_main_process,
+    first_indices,
+    is_iterable_dataset,
+)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -133,6 +147,7 @@ def run_pass(
     forward: ForwardFn,
     max_batches: int | None = None,
     on_batch: Callable[[], Any] | None = None,
+    count: int | None = None,
 ) -> int:
     """Feed every batch of ``loader`` through the model and update ``metrics``; return the number of batches.
 
@@ -140,6 +155,12 @@ def run_pass(
     ``strategy.batch_to_device`` (``transfer_batch_to_device`` and ``on_after_batch_transfer``), as in the training
     loop, and the forward runs under the precision plugin's validation context (autocast for mixed precision).
     Nothing here syncs with the host. The caller sets modes, grad mode, RNG and trainer stage.
+
+    Under DDP every rank makes the same number of forwards, since under sharded strategies each forward is itself a
+    collective: the ranks agree on the most batches any of them reads (``distributed.plan_pass``), and a rank with
+    fewer runs padding forwards on a batch it already has (its first; another rank's when its shard is empty), whose
+    outputs update no metric. A loader whose length is unknown (``count`` None) is read in lockstep, agreeing batch by
+    batch. The values stay those of the unpadded shards.
 
     Args:
         trainer: The Trainer.
@@ -149,21 +170,51 @@ def run_pass(
         forward: Computes ``(preds, target)`` from the module and a batch.
         max_batches: Stop after this many batches.
         on_batch: Called after every batch (advances a progress bar).
+        count: The batches this rank reads (at most ``max_batches``), when known before reading: under DDP.
 
     Returns:
-        The number of batches evaluated.
+        The number of batches evaluated (padding forwards not counted).
     """
-    batches = 0
     to_device = batch_path(trainer, pl_module)
-    for batch in loader:
-        preds, target = checked_forward(trainer, pl_module, forward, to_device(batch))
+    batches = 0
+
+    def evaluate(batch: Any) -> None:
+        nonlocal batches
+        preds, target = checked_forward(trainer, pl_module, forward, batch)
         metrics.update(preds, target)
         batches += 1
         if on_batch is not None:
             on_batch()
-        if max_batches is not None and batches >= max_batches:
-            break
-    return batches
+
+    raw: Iterator[Any] = iter(loader) if max_batches is None else itertools.islice(loader, max_batches)
+    if trainer.world_size == 1:
+        for batch in raw:
+            evaluate(to_device(batch))
+        return batches
+    device = pl_module.device
+    first_raw = next(raw, _END)
+    first = None if first_raw is _END else to_device(first_raw)
+    plan = plan_pass(trainer, device, count, first is not None)
+    padding = shared_batch(trainer, device, first) if plan.lacking else first
+    stream = itertools.chain([] if first is None else [first], (to_device(batch) for batch in raw))
+    if plan.forwards is not None:
+        for batch in stream:
+            evaluate(batch)
+        for _ in range(plan.forwards - batches):
+            checked_forward(trainer, pl_module, forward, padding)
+        return batches
+    while True:  # lengths unknown: agree before every forward
+        batch = next(stream, _END)
+        if not any_reading(trainer, device, batch is not _END):
+            return batches
+        if batch is _END:
+            checked_forward(trainer, pl_module, forward, padding)
+        else:
+            evaluate(batch)
+
+
+#: Marks the end of an iterator (a batch may be None).
+_END: Any = object()
 
 
 def check_decomposable(trainer: pl.Trainer, pl_module: pl.LightningModule, sources: list[CleanSource] | None) -> None:
@@ -261,6 +312,8 @@ class Passes:
             if model_batch is None:
                 model_batch = batch
         culprit, drew = None, False
+        # Under DDP a rank with an empty shard runs the same forwards on another rank's batch.
+        model_batch = shared_batch(trainer, pl_module.device, model_batch)
         # Entered on every rank (it broadcasts rank 0's buffers), also one whose shard is empty.
         with pass_context(trainer, pl_module, sources[0], PassKind.CLEAN, eval_value):
             if model_batch is not None:
@@ -316,11 +369,13 @@ class Passes:
         before = rng_state()
         with watching_modules(pl_module, modules_drew):
             predict()
+        forward_drew = bool(rng_changes(before, rng_state()))
+        differs = stochastic_module(pl_module, predict)  # always: every rank makes the same three forwards
         if modules_drew:
             return modules_drew[0], True
-        if rng_changes(before, rng_state()):
+        if forward_drew:
             return "forward=", True
-        return stochastic_module(pl_module, predict), False
+        return differs, False
 
     def size_caches(self, trainer: pl.Trainer, pl_module: pl.LightningModule, data: CleanData) -> None:
         """Size each source's cache from its first clean batch before training (see ``cache.size_at_fit_start``).
@@ -401,6 +456,7 @@ class Passes:
             source.generator.manual_seed(self.seed)
         loader: Any = source.loader
         max_batches = source.max_batches
+        count = None if is_iterable_dataset(source.loader) else source.num_batches  # None: read in lockstep
         if source.cache is not None and kind is not PassKind.AUGMENTED:  # pass C reads augmented batches: never cached
             cache = source.cache
             placement = (
@@ -408,10 +464,12 @@ class Passes:
                 if cache.filling
                 else None
             )
+            if cache.batches is not None:
+                count = len(cache.batches)
             loader, max_batches = cache.read(source.loader, source.max_batches, placement), None
         description = kind.description + (f" [{source.name}]" if source.name else "")
         with pass_progress(trainer, source.num_batches, description) as step:
-            batches = run_pass(trainer, pl_module, loader, metrics, self.forward, max_batches, on_batch=step)
+            batches = run_pass(trainer, pl_module, loader, metrics, self.forward, max_batches, step, count)
         if total(trainer, pl_module.device, batches) == 0:
             self._warn(
                 f"empty:{source.name}",
@@ -432,33 +490,40 @@ class Passes:
         changes = state_changes(inside, snapshot(trainer, pl_module))
         if source.mechanism != "rebuilt":  # a user loader without its own generator draws its seed from torch's RNG
             changes = [change for change in changes if change != "torch CPU RNG state"]
-        culprit = None
-        if any(change.endswith(" state") for change in changes):
-            culprit = self._drawer(trainer, pl_module, source)
+        drew = any(change.endswith(" state") for change in changes)
+        culprit = self._drawer(trainer, pl_module, source) if any_rank(trainer, drew) else None
         self.policy.inside_pass(trainer, changes, culprit)
 
     def _drawer(self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: CleanSource) -> str | None:
-        """What draws random numbers on the first clean batch: the data, a batch hook, a module or ``forward=``."""
+        """What draws random numbers on the first clean batch: the data, a batch hook, a module or ``forward=``.
+
+        Under DDP every rank runs it (one forward each, on another rank's batch when its shard is empty).
+        """
         indices = first_indices(source.loader)
         reseed(self.seed)
         before = rng_state()
         raw = fetch_in_main_process(source.loader, indices)
-        if raw is None:
-            return None
-        if rng_changes(before, rng_state()):
-            return f"the clean data{source.where} (its dataset or collate_fn, while producing the batch)"
+        data_drew = bool(rng_changes(before, rng_state()))
         hooks_drew: list[str] = []
-        with watching_batch_hooks((getattr(trainer, "datamodule", None), pl_module), hooks_drew):
-            batch = prepare_batch(trainer, pl_module, raw)
-        if hooks_drew:
-            return f"{hooks_drew[0]} (with trainer.training False)"
+        batch = None
+        if raw is not None:
+            with watching_batch_hooks((getattr(trainer, "datamodule", None), pl_module), hooks_drew):
+                batch = prepare_batch(trainer, pl_module, raw)
+        batch = shared_batch(trainer, pl_module.device, batch)
+        if batch is None:
+            return None
         modules_drew: list[str] = []
         before = rng_state()
         with watching_modules(pl_module, modules_drew):
             checked_forward(trainer, pl_module, self.forward, batch)
+        forward_drew = bool(rng_changes(before, rng_state()))
+        if raw is not None and data_drew:
+            return f"the clean data{source.where} (its dataset or collate_fn, while producing the batch)"
+        if hooks_drew:
+            return f"{hooks_drew[0]} (with trainer.training False)"
         if modules_drew:
             return describe_module(modules_drew[0], pl_module)
-        return "the `forward=` callable passed to EvalGuard" if rng_changes(before, rng_state()) else None
+        return "the `forward=` callable passed to EvalGuard" if forward_drew else None
 
     def _metrics_for(self, name: str | None, device: torch.device) -> MetricCollection:
         if name not in self._metrics:

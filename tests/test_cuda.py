@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 from torch import nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
@@ -107,3 +108,69 @@ def test_the_cache_lives_on_the_device_and_its_passes_are_exact(tmp_path):
     with torch.no_grad():
         expected = (model(x.cuda()).argmax(1) == y.cuda()).double().mean().item()
     assert guard.history[-1]["clean"]["acc"] == pytest.approx(expected, abs=1e-6)
+
+
+class FullPassAtTrainEnd(Callback):
+    """At the end of training (the weights of the last clean pass), an eval-mode pass over the full parameters."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+        self.accuracy: float | None = None
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():  # a sharded module gathers its parameters for the forward
+            logits = pl_module(self.x.to(pl_module.device))
+        pl_module.train(was_training)
+        self.accuracy = (logits.argmax(1).cpu() == self.y).double().mean().item()
+
+
+def sharded_fit(tmp_path: Any, strategy: Any, model: Classifier) -> tuple[EvalGuard, FullPassAtTrainEnd]:
+    x, y = make_tensors(101)
+    guard = EvalGuard(
+        {"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")}, eval_transform=nn.Identity()
+    )
+    full = FullPassAtTrainEnd(x, y)
+    devices = torch.cuda.device_count()
+    pl_trainer = trainer(
+        tmp_path, max_epochs=2, accelerator="cuda", devices=devices, strategy=strategy, callbacks=[guard, full]
+    )
+    pl_trainer.fit(model, loader(TensorData(x, y, NumpyNoise()), batch_size=10))
+    return guard, full
+
+
+def test_an_fsdp_fit_ends_and_its_clean_value_is_the_full_parameters_pass(tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    strategy = FSDPStrategy(auto_wrap_policy={nn.Linear})  # every Linear a unit: each forward gathers
+    guard, full = sharded_fit(tmp_path, strategy, Classifier("both"))
+    assert [entry["epoch"] for entry in guard.history] == [0, 1]
+    assert full.accuracy is not None
+    assert guard.history[-1]["clean"]["acc"] == pytest.approx(full.accuracy, abs=1e-6)
+
+
+class FullyShardedClassifier(Classifier):
+    """A Classifier whose layers are sharded with FSDP2 (fully_shard) in configure_model."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]  # type: ignore[attr-defined]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def test_a_model_parallel_fsdp2_fit_ends_and_its_clean_value_is_the_full_parameters_pass(tmp_path):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy(data_parallel_size=torch.cuda.device_count(), tensor_parallel_size=1)
+    guard, full = sharded_fit(tmp_path, strategy, FullyShardedClassifier("both"))
+    assert [entry["epoch"] for entry in guard.history] == [0, 1]
+    assert full.accuracy is not None
+    assert guard.history[-1]["clean"]["acc"] == pytest.approx(full.accuracy, abs=1e-6)
