@@ -12,6 +12,7 @@ __all__ = [
     "GuardMode",
     "check_batch_size",
     "check_bool",
+    "check_callable",
     "check_dataloader",
     "check_eval_transform",
     "check_every_n_epochs",
@@ -146,6 +147,22 @@ def check_dataloader(value: Any) -> Any:
     if value is None or isinstance(value, DataLoader) or callable(value):
         return value
     raise TypeError(f"`dataloader` must be a DataLoader, a callable (trainer) -> DataLoader, or None ({_got(value)}).")
+
+
+def check_callable(name: str, value: Any, expected: str) -> Any:
+    """Check that argument ``name`` is None or a callable.
+
+    Args:
+        name: The argument's name.
+        value: The argument.
+        expected: What the callable does, for the message, e.g. ``"(preds, target) -> Tensor[B]"``.
+
+    Raises:
+        TypeError: If it is neither.
+    """
+    if value is None or callable(value):
+        return value
+    raise TypeError(f"`{name}` must be a callable {expected}, or None ({_got(value)}).")
 
 
 def check_forward(value: Any) -> Any:

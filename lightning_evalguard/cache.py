@@ -279,11 +279,12 @@ def size_at_fit_start(
         ValueError: If the estimate exceeds ``cache.max_bytes`` on any rank.
     """
     opaque = uncopyable(first)
-    if opaque is not None:  # the same on every rank (the same batch type); no collective depends on it
+    # Decided across ranks: a rank with an empty shard has no batch to look at, and must drop its cache too.
+    if any_rank(trainer, opaque is not None):
         warn(
             f"uncopyable:{where}",
             "EvalGuard(cache=True) copies tensors and numpy arrays in dicts, tuples, lists and dataclasses; the clean"
-            f" batches hold a {opaque}, which it cannot copy or size, so"
+            f" batches hold a {opaque or 'type it cannot copy'}, which it cannot copy or size, so"
             + (where or " the clean data")
             + " is not cached. Return tensors in a dict or tuple from the dataset or collate_fn to cache them.",
         )

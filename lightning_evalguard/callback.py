@@ -6,6 +6,7 @@ import copy
 import sys
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 from lightning.pytorch import Callback
@@ -22,9 +23,10 @@ from lightning_evalguard.forward import ForwardFn, default_forward
 from lightning_evalguard.guards import GuardPolicy, snapshot, state_changes
 from lightning_evalguard.isolation import isolated_rng
 from lightning_evalguard.metrics import collection_keys, join_key, micro_accuracy_names
-from lightning_evalguard.passes import Measured, Passes, PassKind, check_decomposable
+from lightning_evalguard.passes import Measured, Passes, PassKind, check_decomposable, check_trackable
 from lightning_evalguard.reference import References
 from lightning_evalguard.results import Decomposition, Subset, history_entry, result_groups, standard_errors
+from lightning_evalguard.samples import SampleStats, SampleTracker
 from lightning_evalguard.sources import CleanData, SourceOptions
 from lightning_evalguard.summary import (
     print_summary,
@@ -165,6 +167,9 @@ class EvalGuard(Callback, _StandaloneCallback):
         print_summary: bool = True,
         cache: bool = False,
         cache_max_bytes: int = 1 << 30,
+        track_samples: bool = False,
+        sample_score: Union[Callable[[Any, Any], Any], None] = None,
+        sample_ids: Union[Callable[[Any], Any], None] = None,
     ) -> None:
         super().__init__()
         template = arguments.check_metrics(metrics)
@@ -185,12 +190,18 @@ class EvalGuard(Callback, _StandaloneCallback):
         self.print_summary = arguments.check_bool("print_summary", print_summary)
         self.cache = arguments.check_bool("cache", cache)
         self.cache_max_bytes = arguments.check_positive_int("cache_max_bytes", cache_max_bytes)
+        self.track_samples = arguments.check_bool("track_samples", track_samples)
+        self.sample_score = arguments.check_callable("sample_score", sample_score, "(preds, target) -> Tensor[B]")
+        self.sample_ids = arguments.check_callable("sample_ids", sample_ids, "(batch) -> LongTensor[B]")
+        self.samples_path: Path | None = None
+        self.data_map_path: Path | None = None
 
         self.history: list[dict[str, Any]] = []
         self._warned: set[str] = set()
         self._accuracies = micro_accuracy_names(template)
         self._policy = GuardPolicy(self.guards, self._warn_once)
-        self._passes = Passes(template, self.forward, self.seed, self._policy, self._warn_once)
+        self._tracker = SampleTracker(self.sample_score, self.sample_ids) if self.track_samples else None
+        self._passes = Passes(template, self.forward, self.seed, self._policy, self._warn_once, self._tracker)
         options = SourceOptions(
             dataloader=self.dataloader,
             eval_transform=self.eval_transform,
@@ -238,6 +249,8 @@ class EvalGuard(Callback, _StandaloneCallback):
             sources = self._data.get(trainer, pl_module)
             if self.decompose:
                 check_decomposable(trainer, pl_module, sources)
+            if self.track_samples:
+                check_trackable(sources, self.sample_ids)
             if self.eval_transform == "val":
                 self._data.eval_transform(trainer, pl_module)  # fails now rather than after an epoch
             self._passes.check_at_fit_start(trainer, pl_module, self._data)  # set-up checks; guards unless off
@@ -298,16 +311,26 @@ class EvalGuard(Callback, _StandaloneCallback):
         """
         return summary_text(self._summary_rows())
 
+    @property
+    def samples(self) -> SampleStats | None:
+        """The per-sample statistics of the clean passes (``track_samples=True``); None before the first pass."""
+        return None if self._tracker is None else self._tracker.stats
+
     @override
     def state_dict(self) -> dict[str, Any]:
         subsets = {key: list(indices) for key, indices in self._data.subsets.items()}
-        return {"history": copy.deepcopy(self.history), "subsets": subsets}
+        state: dict[str, Any] = {"history": copy.deepcopy(self.history), "subsets": subsets}
+        if self.samples is not None:
+            state["samples"] = self.samples.state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = copy.deepcopy(list(state_dict.get("history", [])))
         subsets = dict(state_dict.get("subsets", {}))
         self._data.subsets = {str(key): [int(index) for index in indices] for key, indices in subsets.items()}
+        if self._tracker is not None and "samples" in state_dict:
+            self._tracker.stats = SampleStats.from_state_dict(state_dict["samples"])
 
     # ------------------------------------------------------------------ the epoch end
 
@@ -350,6 +373,8 @@ class EvalGuard(Callback, _StandaloneCallback):
             subsets = [Subset(source.name, source.total_samples, source.sampled) for source in self._data.sources or []]
             stderr = standard_errors(clean, self._accuracies, subsets)
         groups = result_groups(clean, running, validation, decomposition, stderr)
+        if self._tracker is not None and self._passes.samples_logged:
+            groups["samples"] = dict(self._passes.samples_logged)
         groups["time"] = {"pass_seconds": from_rank_zero(trainer, pass_seconds)}  # the same value on every rank
         # The values are already the same on every rank; under DDP sync_dist keeps them so (a mean of equal values)
         # and spares the user Lightning's advice to use it.

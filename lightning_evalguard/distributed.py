@@ -32,7 +32,8 @@ At each evaluated epoch end, for each pass kind (clean; then passes B and C with
    length, :func:`any_reading` before every forward and once at the end;
 4. :func:`total` (the number of batches all ranks evaluated);
 5. when that total is not 0: ``MetricCollection.compute()``, whose torchmetrics sync gathers the metric states;
-6. for the clean pass with the guards on: :func:`any_rank` (whether any rank saw RNG states change), and if so, on
+6. for the clean pass with ``track_samples=True``: :func:`gather` (each rank's per-sample values);
+7. for the clean pass with the guards on: :func:`any_rank` (whether any rank saw RNG states change), and if so, on
    every rank, :func:`shared_batch` and one watched forward to name what draws; then with ``guards="raise"``
    :func:`any_rank` (the in-pass guard's finding).
 
@@ -60,6 +61,7 @@ __all__ = [
     "any_reading",
     "broadcast_buffers",
     "from_rank_zero",
+    "gather",
     "plan_pass",
     "shared_batch",
     "total",
@@ -242,3 +244,22 @@ def shared_batch(trainer: pl.Trainer, device: torch.device, batch: Any) -> Any:
     message = [move_data_to_device(batch, torch.device("cpu")) if torch.distributed.get_rank() == source else None]
     torch.distributed.broadcast_object_list(message, src=source)
     return batch if batch is not None else move_data_to_device(message[0], device)
+
+
+def gather(trainer: pl.Trainer, value: T) -> list[T]:
+    """Every rank's ``value``, in rank order (per-sample statistics: each rank evaluated its own shard).
+
+    Called on every rank after every clean pass with ``track_samples=True``.
+
+    Args:
+        trainer: The Trainer.
+        value: This rank's value (a picklable object, e.g. CPU tensors).
+
+    Returns:
+        ``[value]`` on one process; the list of every rank's value otherwise.
+    """
+    if trainer.world_size == 1 or not _initialised():
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered

@@ -8,6 +8,7 @@ the dataset's transform.
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -289,7 +290,7 @@ def _generator_state(generator: Any) -> tuple[Callable[[], Any], Callable[[Any],
         return lambda: bit_generator.state, lambda state: setattr(bit_generator, "state", state)
     if isinstance(generator, np.random.RandomState):
         return generator.get_state, generator.set_state
-    if isinstance(generator, random.Random):
+    if isinstance(generator, random.Random) and not isinstance(generator, random.SystemRandom):  # that has none
         return generator.getstate, generator.setstate
     return None
 
@@ -299,7 +300,8 @@ def find_generators(*roots: Any) -> list[Any]:
 
     Augmentation objects may keep their own generator (albumentations' ``A.Compose(..., seed=...)``, a transform
     holding ``np.random.default_rng()``), which restoring the global RNG states does not put back. The search follows
-    attributes (``__dict__`` and ``__slots__``), mappings, lists, tuples and sets, a function's closure, defaults and
+    attributes (``__dict__`` and ``__slots__``), mappings, lists, tuples and sets, ``functools.partial`` arguments, a
+    function's closure, defaults and
     the globals it names (``transform=lambda x: aug(image=x)["image"]``), a bound method's object; it skips tensors,
     arrays, strings, numbers, classes and modules, and containers of more than 256 items (data, not configuration).
     In an ``nn.Module`` it follows the submodules and the attributes whose names do not start with ``_``.
@@ -323,11 +325,17 @@ def find_generators(*roots: Any) -> list[Any]:
             continue
         if isinstance(node, (str, bytes, int, float, complex, bool, torch.Tensor, np.ndarray, type)):
             continue
-        if callable(node) and not hasattr(node, "__dict__"):  # builtins
+        if isinstance(node, (types.BuiltinFunctionType, types.BuiltinMethodType)):
+            continue
+        if isinstance(node, functools.partial):
+            stack.extend((node.func, *node.args, *node.keywords.values()))
             continue
         if isinstance(node, Mapping):
-            if len(node) <= _MAX_SEARCHED_ITEMS:
-                stack.extend(node.values())
+            try:  # a lazy mapping (a Hydra DictConfig with a missing value) may raise on reading: not configuration
+                if len(node) <= _MAX_SEARCHED_ITEMS:
+                    stack.extend(node.values())
+            except Exception:
+                pass
             continue
         if isinstance(node, (list, tuple, set, frozenset)):
             if len(node) <= _MAX_SEARCHED_ITEMS:
@@ -353,9 +361,13 @@ def find_generators(*roots: Any) -> list[Any]:
             attributes = {key: value for key, value in node.__dict__.items() if not key.startswith("_")}
         if isinstance(attributes, dict):
             stack.extend(attributes.values())
-        for slot in getattr(type(node), "__slots__", ()):
-            if isinstance(slot, str):
-                stack.append(getattr(node, slot, None))
+        for cls in type(node).__mro__:
+            slots = getattr(cls, "__slots__", ())
+            for slot in (slots,) if isinstance(slots, str) else slots:
+                try:
+                    stack.append(getattr(node, slot, None))
+                except Exception:  # a slot read through a descriptor that raises
+                    pass
     return found
 
 

@@ -139,22 +139,21 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def check_fits(metrics: MetricCollection, preds: Any, target: Any) -> None:
+def check_fits(metrics: MetricCollection, preds: Any, target: Any, device: torch.device) -> None:
     """Update a clone of each metric with one batch's ``(preds, target)``, so a metric that does not fit fails now.
 
     Args:
         metrics: The metrics (never updated: each is cloned).
         preds: The first clean batch's predictions, as the passes give them.
         target: Its targets.
+        device: Where the passes keep the metrics (the module's device).
 
     Raises:
         Exception: The metric's own error (torchmetrics' ``ValueError`` or ``RuntimeError``), with a note naming the
             metric and the shapes and dtypes of ``preds`` and ``target``.
     """
     for name, metric in metrics.items(keep_base=False):
-        probe = metric.clone()
-        if isinstance(preds, torch.Tensor):
-            probe = probe.to(preds.device)
+        probe = metric.clone().to(device)
         try:
             probe.reset()  # as before every pass
             probe.update(preds, target)

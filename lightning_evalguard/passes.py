@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader
 from torchmetrics import MetricCollection
 
 from lightning_evalguard._lightning import uses_inference_mode
@@ -24,6 +24,7 @@ from lightning_evalguard.distributed import (
     any_rank,
     any_reading,
     broadcast_buffers,
+    gather,
     plan_pass,
     shared_batch,
     total,
@@ -53,6 +54,7 @@ from lightning_evalguard.isolation import (
 )
 from lightning_evalguard.metrics import check_fits, flatten_scalars, join_key
 from lightning_evalguard.progress import pass_progress
+from lightning_evalguard.samples import PassOutputs, SampleTracker
 from lightning_evalguard.sources import (
     CleanData,
     CleanSource,
@@ -98,6 +100,7 @@ def pass_context(
     source: CleanSource,
     kind: PassKind,
     eval_transform: Any,
+    before_training: bool = False,
 ) -> Iterator[None]:
     """Set up one pass over ``source``, and restore everything it set afterwards, also when the body raises.
 
@@ -111,6 +114,8 @@ def pass_context(
         source: The clean source the pass reads.
         kind: The pass.
         eval_transform: The value set on it (clean pass and pass B).
+        before_training: For the checks before the first training step: ``no_grad`` rather than inference mode, so
+            a tensor a forward creates and keeps (a lazily built cache) is not an inference tensor in training.
 
     Yields:
         None.
@@ -124,7 +129,8 @@ def pass_context(
             stack.enter_context(trainer_not_training(trainer))
             if source.transform_holders:
                 stack.enter_context(swapped_attribute(source.transform_holders, source.transform_attr, eval_transform))
-        stack.enter_context(torch.inference_mode() if uses_inference_mode(trainer) else torch.no_grad())
+        inference = uses_inference_mode(trainer) and not before_training
+        stack.enter_context(torch.inference_mode() if inference else torch.no_grad())
         if source.mechanism != "rebuilt":
             stack.enter_context(preserved_generator(getattr(source.loader, "generator", None)))
         # Augmentation objects (and models) with a generator of their own: what the pass draws from them goes back.
@@ -148,6 +154,7 @@ def run_pass(
     max_batches: int | None = None,
     on_batch: Callable[[], Any] | None = None,
     count: int | None = None,
+    observe: Callable[[Any, Any, Any], Any] | None = None,
 ) -> int:
     """Feed every batch of ``loader`` through the model and update ``metrics``; return the number of batches.
 
@@ -171,6 +178,8 @@ def run_pass(
         max_batches: Stop after this many batches.
         on_batch: Called after every batch (advances a progress bar).
         count: The batches this rank reads (at most ``max_batches``), when known before reading: under DDP.
+        observe: Called with ``(batch, preds, target)`` after each batch's metric update (per-sample statistics);
+            not for padding forwards.
 
     Returns:
         The number of batches evaluated (padding forwards not counted).
@@ -182,6 +191,8 @@ def run_pass(
         nonlocal batches
         preds, target = checked_forward(trainer, pl_module, forward, batch)
         metrics.update(preds, target)
+        if observe is not None:
+            observe(batch, preds, target)
         batches += 1
         if on_batch is not None:
             on_batch()
@@ -244,6 +255,30 @@ def check_decomposable(trainer: pl.Trainer, pl_module: pl.LightningModule, sourc
         )
 
 
+def check_trackable(sources: list[CleanSource], sample_ids: Any) -> None:
+    """Refuse, before training, a ``track_samples=True`` whose samples cannot be identified.
+
+    Args:
+        sources: The clean sources.
+        sample_ids: The callback's ``sample_ids`` argument.
+
+    Raises:
+        ValueError: With several training loaders, or without the dataset index of each sample (a clean loader
+            EvalGuard did not rebuild over a map-style dataset) and no ``sample_ids``.
+    """
+    if len(sources) > 1:
+        raise ValueError(
+            f"EvalGuard(track_samples=True) follows the samples of one training loader; this fit has {len(sources)}."
+            " Track one of them with `dataloader=` (its clean loader) and `sample_ids=`, or pass track_samples=False."
+        )
+    if sources and sources[0].order is None and sample_ids is None:
+        raise ValueError(
+            "EvalGuard(track_samples=True) keys its statistics by dataset index, which it knows only for the loader it"
+            " rebuilds over a map-style dataset. With `dataloader=`, `clean_train_dataloader()` or an IterableDataset,"
+            " pass `sample_ids=`: a callable (batch) -> LongTensor[B] of each sample's index."
+        )
+
+
 class Passes:
     """Runs EvalGuard's passes over the clean sources with clones of the metrics, and the fit-start checks.
 
@@ -255,7 +290,13 @@ class Passes:
     """
 
     def __init__(
-        self, template: MetricCollection, forward: ForwardFn, seed: int, policy: GuardPolicy, warn: Warn
+        self,
+        template: MetricCollection,
+        forward: ForwardFn,
+        seed: int,
+        policy: GuardPolicy,
+        warn: Warn,
+        tracker: SampleTracker | None = None,
     ) -> None:
         """Store what the passes need.
 
@@ -265,8 +306,11 @@ class Passes:
             seed: The RNG state every pass starts from.
             policy: What the guards do with what they find.
             warn: ``(key, message)``: gives a warning once.
+            tracker: Collects per-sample statistics from the clean passes (``track_samples=True``).
         """
         self.template = template
+        self.tracker = tracker
+        self.samples_logged: dict[str, float] = {}
         self.forward = forward
         self.seed = seed
         self.policy = policy
@@ -307,7 +351,7 @@ class Passes:
         eval_value = data.eval_transform(trainer, pl_module)
         model_batch: Any = None
         for source in sources:
-            with pass_context(trainer, pl_module, source, PassKind.CLEAN, eval_value):
+            with pass_context(trainer, pl_module, source, PassKind.CLEAN, eval_value, before_training=True):
                 batch = self._first_batch(trainer, pl_module, source)
             if model_batch is None:
                 model_batch = batch
@@ -315,10 +359,12 @@ class Passes:
         # Under DDP a rank with an empty shard runs the same forwards on another rank's batch.
         model_batch = shared_batch(trainer, pl_module.device, model_batch)
         # Entered on every rank (it broadcasts rank 0's buffers), also one whose shard is empty.
-        with pass_context(trainer, pl_module, sources[0], PassKind.CLEAN, eval_value):
+        with pass_context(trainer, pl_module, sources[0], PassKind.CLEAN, eval_value, before_training=True):
             if model_batch is not None:
                 preds, target = checked_forward(trainer, pl_module, self.forward, model_batch)
-                check_fits(self.template, preds, target)
+                check_fits(self.template, preds, target, pl_module.device)
+                if self.tracker is not None:
+                    self.tracker.outputs(preds, target)  # fails now for outputs it cannot score
                 if self.policy.enabled:
                     culprit, drew = self._model_culprit(trainer, pl_module, model_batch)
         if self.policy.enabled:
@@ -328,8 +374,8 @@ class Passes:
         """The source's first clean batch as it reaches the model; with the guards on, checked on the way."""
         loader = source.loader
         owners = (getattr(trainer, "datamodule", None), pl_module)
-        if not self.policy.enabled:
-            raw = fetch_in_main_process(loader, first_indices(loader))
+        if not self.policy.enabled:  # through the loader, its workers and worker_init_fn, as the passes read it
+            raw = next(iter(loader), None)
             return None if raw is None else prepare_batch(trainer, pl_module, raw)
         before = rng_state()
         sampler_states = [generator.get_state() for generator in _sampler_generators(loader)]
@@ -396,7 +442,7 @@ class Passes:
         for source in sources:
             if source.cache is None:  # the same on every rank
                 continue
-            with pass_context(trainer, pl_module, source, PassKind.CLEAN, eval_value):
+            with pass_context(trainer, pl_module, source, PassKind.CLEAN, eval_value, before_training=True):
                 first = next(iter(source.loader), None)
                 converted = trainer.precision_plugin.convert_input(first) if first is not None else None
             batches = source.num_batches or 0
@@ -468,8 +514,23 @@ class Passes:
                 count = len(cache.batches)
             loader, max_batches = cache.read(source.loader, source.max_batches, placement), None
         description = kind.description + (f" [{source.name}]" if source.name else "")
+        outputs = PassOutputs() if self.tracker is not None and kind is PassKind.CLEAN else None
+        observe = None
+        if outputs is not None:
+            tracker, read = self.tracker, 0
+            assert tracker is not None
+
+            def observe(batch: Any, preds: Any, target: Any) -> None:
+                nonlocal read
+                scores, probabilities, predictions = tracker.outputs(preds, target)
+                ids = tracker.ids(batch, source.order, read, scores.shape[0], scores.device)
+                outputs.add(ids, target, scores, probabilities, predictions)
+                read += scores.shape[0]
+
         with pass_progress(trainer, source.num_batches, description) as step:
-            batches = run_pass(trainer, pl_module, loader, metrics, self.forward, max_batches, step, count)
+            batches = run_pass(trainer, pl_module, loader, metrics, self.forward, max_batches, step, count, observe)
+        if outputs is not None and self.tracker is not None:  # every rank's values, folded in on every rank
+            self.samples_logged = self.tracker.fold(trainer.current_epoch, gather(trainer, outputs.to_host()))
         if total(trainer, pl_module.device, batches) == 0:
             self._warn(
                 f"empty:{source.name}",
@@ -545,6 +606,6 @@ def _sampler_generators(loader: Any) -> list[torch.Generator]:
 def _sampler_name(loader: Any) -> str:
     sampler = getattr(loader, "sampler", None)
     batch_sampler = getattr(loader, "batch_sampler", None)
-    if batch_sampler is not None and type(batch_sampler).__name__ != "BatchSampler":
+    if batch_sampler is not None and type(batch_sampler) is not BatchSampler:  # a custom batch sampler
         sampler = batch_sampler
     return type(sampler).__name__

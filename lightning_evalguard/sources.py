@@ -75,6 +75,7 @@ class CleanSource:
         total_samples: Samples all processes evaluate together, when known.
         sampled: Whether ``limit_batches`` drew a random subset (smaller than the dataset).
         cache: The batch cache (``cache=True``, rebuilt loaders only).
+        order: The dataset indices this process reads, in the order of its batches (rebuilt map-style loaders).
     """
 
     name: str | None
@@ -88,6 +89,7 @@ class CleanSource:
     total_samples: int | None = None
     sampled: bool = False
     cache: BatchCache | None = None
+    order: list[int] | None = None
 
     @property
     def num_batches(self) -> int | None:
@@ -299,7 +301,14 @@ def validation_transform(
                     " dataset object, so its format transform is the training one. Pass the clean transform itself:"
                     " eval_transform=<callable>."
                 )
-            return format_transform(dataset)
+            transform = format_transform(dataset)
+            if transform is None:
+                raise ValueError(
+                    "EvalGuard(eval_transform='val'): the validation dataset is a Hugging Face datasets.Dataset without"
+                    " a format transform (set_transform / with_transform), so there is none to take. Pass the clean"
+                    " transform itself: eval_transform=<callable>."
+                )
+            return transform
         if holders:
             if any(holders[0] is holder for holder in training_holders):
                 raise ValueError(
@@ -474,6 +483,7 @@ def _rebuilt_source(
         total_samples=len(indices),
         sampled=subset is not None,
         cache=cache,
+        order=local,
     )
 
 

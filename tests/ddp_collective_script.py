@@ -1,8 +1,9 @@
 """Run by tests/test_sharded.py: a 2-rank ddp_fork fit whose model all-reduces in every forward, as FSDP's
 all-gather does. A rank that made fewer forwards than the other would leave it waiting forever.
 
-Usage: python ddp_collective_script.py OUT_DIR N BATCH_SIZE LIMIT DECOMPOSE CACHE
-(LIMIT: "none", an int number of batches or a float fraction; DECOMPOSE, CACHE: 0 or 1)
+Usage: python ddp_collective_script.py OUT_DIR N BATCH_SIZE LIMIT DECOMPOSE CACHE [opaque]
+(LIMIT: "none", an int number of batches or a float fraction; DECOMPOSE, CACHE: 0 or 1; "opaque": batches carry an
+object with its own ``to``, which the cache cannot copy)
 """
 
 from __future__ import annotations
@@ -83,6 +84,23 @@ class Stop(pl.Callback):
         (self.out / f"forwards{trainer.global_rank}.json").write_text(json.dumps(pl_module.forwards))
 
 
+class Meta:
+    """An object with its own ``to`` in every batch: the cache cannot copy it."""
+
+    def to(self, device: Any) -> Meta:
+        return self
+
+    def __eq__(self, other: object) -> bool:  # the same every draw: not augmentation
+        return isinstance(other, Meta)
+
+    __hash__ = object.__hash__
+
+
+def with_meta(items: list[Any]) -> tuple[Any, ...]:
+    x, y = torch.utils.data.default_collate(items)
+    return x, y, Meta()
+
+
 def main() -> None:
     out, n, batch_size = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     limit_arg, decompose, cache = sys.argv[4], sys.argv[5] == "1", sys.argv[6] == "1"
@@ -112,7 +130,8 @@ def main() -> None:
         callbacks=[Count(), guard, Stop(out)],
     )
     model = Collective()
-    trainer.fit(model, loader(TensorData(x, y), batch_size=8))
+    opaque = len(sys.argv) > 7 and sys.argv[7] == "opaque"
+    trainer.fit(model, loader(TensorData(x, y), batch_size=8, collate_fn=with_meta if opaque else None))
     torch.save(model.state_dict(), out / "weights.pt")
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     (out / "metrics.json").write_text(json.dumps(metrics))

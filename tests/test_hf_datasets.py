@@ -150,3 +150,12 @@ def test_a_dataset_with_no_transform_attribute_and_no_format_names_the_mechanism
         ValueError, match=r"has none.*not a Hugging Face datasets.Dataset.*transform_attr=.*dataloader="
     ):
         trainer(tmp_path, callbacks=[guard]).fit(DictClassifier(), DataLoader(Plain(), batch_size=8))
+
+
+def test_val_with_a_validation_set_without_format_transform_says_what_to_pass(tmp_path):
+    dataset, _, _ = make_dataset()
+    guard = EvalGuard({"acc": micro_accuracy()}, eval_transform="val", forward=dict_forward)
+    train = DataLoader(dataset.with_transform(augment), batch_size=16)
+    val = DataLoader(dataset.with_format("torch"), batch_size=16)
+    with pytest.raises(ValueError, match=r"validation dataset is a Hugging Face datasets.Dataset without a format"):
+        trainer(tmp_path, callbacks=[guard]).fit(DictClassifier(), train, val)

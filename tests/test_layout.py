@@ -19,6 +19,7 @@ LEVELS: list[set[str]] = [
     {
         "distributed",
         "results",
+        "samples",
         "isolation",
         "metrics",
         "arguments",

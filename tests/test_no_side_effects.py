@@ -147,12 +147,12 @@ class ModesDuringPass(Classifier):
     def __init__(self) -> None:
         super().__init__("both")
         self.modes_in_pass: list[list[bool]] = []
-        self.grad_in_pass: list[bool] = []
+        self.grad_in_pass: list[tuple[bool, bool]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.trainer.training:
             self.modes_in_pass.append([m.training for m in self.modules()])
-            self.grad_in_pass.append(torch.is_inference_mode_enabled())
+            self.grad_in_pass.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
         return super().forward(x)
 
 
@@ -162,7 +162,9 @@ def test_every_module_is_in_eval_mode_and_inference_mode_during_the_pass(tmp_pat
     trainer(tmp_path, max_epochs=1, callbacks=[guard(guards="off")]).fit(model, loader(TensorData(x, y)))
     assert len(model.modes_in_pass) == 1 + 3  # the fit-start check's forward, then the pass's three batches
     assert all(not any(modes) for modes in model.modes_in_pass)
-    assert all(model.grad_in_pass)
+    # the check before training runs under no_grad (a tensor the forward keeps must serve training), the pass under
+    # inference mode
+    assert model.grad_in_pass == [(False, False)] + [(True, False)] * 3
 
 
 class EvalCounter(nn.Module):

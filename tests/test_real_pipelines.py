@@ -187,3 +187,61 @@ def test_an_albumentations_pipeline_with_its_own_seed_trains_bit_identically(tmp
         make_transform=albumentations_transform,
         epochs=2,
     )
+
+
+def jitter(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    return x + torch.from_numpy(rng.normal(0.0, 0.5, size=tuple(x.shape))).to(x.dtype)
+
+
+def partial_noise() -> Any:
+    """A transform written with functools.partial, its generator among the partial's arguments."""
+    import functools
+
+    return functools.partial(jitter, rng=np.random.default_rng(5))
+
+
+class SlottedNoise:
+    """Noise from a torch.Generator held in a slot of a base class."""
+
+    __slots__ = ("generator",)
+
+    def __init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(3)
+
+
+class SlottedNoiseChild(SlottedNoise):
+    __slots__ = ()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.5 * torch.randn(x.shape, generator=self.generator)
+
+
+@pytest.mark.parametrize("make_transform", [partial_noise, SlottedNoiseChild], ids=["partial", "inherited-slot"])
+def test_generators_behind_a_partial_or_an_inherited_slot_are_put_back(tmp_path, make_transform):
+    assert_training_unchanged_by(
+        tmp_path,
+        lambda: EvalGuard({"acc": micro_accuracy()}, eval_transform=nn.Identity(), decompose=True),
+        make_transform=make_transform,
+        epochs=2,
+    )
+
+
+class Unreadable(dict):  # type: ignore[type-arg]
+    """A mapping whose values cannot all be read (a Hydra DictConfig with a missing value does that)."""
+
+    def values(self) -> Any:
+        raise RuntimeError("missing mandatory value")
+
+
+class OddAttributes(Classifier):
+    def __init__(self) -> None:
+        super().__init__("both")
+        self.system_rng = random.SystemRandom()  # a generator without state
+        self.cfg = Unreadable(lr=0.1)
+
+
+def test_a_stateless_generator_and_an_unreadable_mapping_on_the_model_do_not_break_the_fit(tmp_path):
+    x, y = make_tensors(32)
+    guard = EvalGuard({"acc": micro_accuracy()}, eval_transform=nn.Identity())
+    trainer(tmp_path, max_epochs=2, callbacks=[guard]).fit(OddAttributes(), loader(TensorData(x, y, NumpyNoise())))
+    assert [entry["epoch"] for entry in guard.history] == [0, 1]

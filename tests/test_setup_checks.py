@@ -126,3 +126,46 @@ def test_a_shuffling_clean_loader_is_named_as_such(tmp_path):
     with pytest.raises(EvalGuardError, match=r"clean loader shuffles"):
         trainer(tmp_path, callbacks=[guard]).fit(NoTraining("linear"), loader(TensorData(x, y)))
     assert torch.equal(state, seeded.generator.get_state())  # type: ignore[union-attr]
+
+
+class LazyCache(Classifier):
+    """Builds a tensor it keeps on its first forward, as rotary tables or attention masks are built."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "scale"):
+            self.scale = torch.ones(x.shape[1])
+        return super().forward(x * self.scale)
+
+
+@pytest.mark.parametrize("guards", ["raise", "off"])
+def test_a_tensor_built_by_the_fit_start_forward_can_be_used_in_training(tmp_path, guards):
+    # the checks before training run under no_grad: an inference tensor kept by the model would break backward
+    x, y = make_tensors(32)
+    guard = EvalGuard({"acc": micro_accuracy()}, eval_transform=nn.Identity(), guards=guards)
+    model = LazyCache("linear")
+    trainer(tmp_path, max_epochs=1, callbacks=[guard]).fit(model, loader(TensorData(x, y, NumpyNoise())))
+    assert not model.scale.is_inference()
+    assert [entry["epoch"] for entry in guard.history] == [0]
+
+
+class OpenedInWorkers(TensorData):
+    """Usable only after worker_init_fn opened its handle, as an HDF5 or LMDB dataset often is."""
+
+    handle: Any = None
+
+    def __getitem__(self, index: int) -> Any:
+        assert self.handle is not None, "read before worker_init_fn opened the handle"
+        return super().__getitem__(index)
+
+
+def open_handle(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    info.dataset.handle = object()  # type: ignore[union-attr]
+
+
+def test_with_guards_off_the_first_batch_comes_through_the_loaders_workers(tmp_path):
+    x, y = make_tensors(32)
+    data = loader(OpenedInWorkers(x, y), num_workers=1, worker_init_fn=open_handle)
+    guard = EvalGuard({"acc": micro_accuracy()}, guards="off")
+    trainer(tmp_path, max_epochs=1, callbacks=[guard]).fit(Classifier("linear"), data)
+    assert [entry["epoch"] for entry in guard.history] == [0]

@@ -8,6 +8,8 @@ fails the test instead of hanging the suite.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,14 +27,22 @@ SCRIPT = Path(__file__).with_name("ddp_collective_script.py")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def run(tmp_path: Path, n: int, batch_size: int, limit: str, decompose: bool, cache: bool) -> dict[str, object]:
+def run(
+    tmp_path: Path, n: int, batch_size: int, limit: str, decompose: bool, cache: bool, *extra: str
+) -> dict[str, object]:
     command = [sys.executable, str(SCRIPT), str(tmp_path), str(n), str(batch_size), limit, str(int(decompose))]
-    command.append(str(int(cache)))
+    command += [str(int(cache)), *extra]
+    # A session of its own, so that a hang is ended with every rank the launcher forked.
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True
+    )
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+        _, stderr = process.communicate(timeout=180)
     except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
         pytest.fail("the 2-rank fit did not end: a rank waits in a forward the other rank never makes")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert process.returncode == 0, stderr[-3000:]
     forwards = [json.loads((tmp_path / f"forwards{rank}.json").read_text()) for rank in (0, 1)]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     state = torch.load(tmp_path / "weights.pt", weights_only=True)
@@ -81,3 +91,10 @@ def test_a_subset_with_decompose_pads_every_pass_by_at_most_one_batch(tmp_path):
     assert metrics["evalguard/clean/acc"] == pytest.approx(clean_accuracy(result["state"], 101, subset), abs=1e-6)
     effects = sum(metrics[f"evalguard/effect/{kind}/acc"] for kind in ("train_mode", "augmentation", "weight_drift"))
     assert effects == pytest.approx(metrics["evalguard/gap/acc"], abs=1e-6)
+
+
+def test_a_cache_over_batches_it_cannot_copy_is_dropped_on_every_rank_also_one_with_an_empty_shard(tmp_path):
+    # rank 1 has no batch to look at: the decision to drop the cache is taken together, or rank 1 would wait alone
+    result = run(tmp_path, 40, 1, "1", False, True, "opaque")
+    assert result["forwards"] == [{"start": 4, "epoch0": 1, "epoch1": 1}] * 2
+    assert result["metrics"]["evalguard/clean/n"] == 1.0
