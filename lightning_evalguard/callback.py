@@ -26,9 +26,10 @@ from lightning_evalguard.metrics import collection_keys, join_key, micro_accurac
 from lightning_evalguard.passes import Measured, Passes, PassKind, check_decomposable, check_trackable
 from lightning_evalguard.reference import References
 from lightning_evalguard.results import Decomposition, Subset, history_entry, result_groups, standard_errors
-from lightning_evalguard.samples import SampleStats, SampleTracker
+from lightning_evalguard.samples import SampleStats, SampleTracker, draw_data_map, summary_line
 from lightning_evalguard.sources import CleanData, SourceOptions
 from lightning_evalguard.summary import (
+    add_image,
     print_summary,
     summary_rows,
     summary_text,
@@ -299,8 +300,26 @@ class EvalGuard(Callback, _StandaloneCallback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self.samples is not None:
+            self._write_samples(trainer)
         if self.print_summary and self.history and trainer.is_global_zero:
-            print_summary(self._summary_rows())
+            print_summary(self._summary_rows(), self._samples_line())
+
+    def _write_samples(self, trainer: pl.Trainer) -> None:
+        """At the end of fit: samples.csv, and with matplotlib data_map.png (also to every TensorBoardLogger)."""
+        assert self.samples is not None
+        log_dir = next((logger.log_dir for logger in trainer.loggers if getattr(logger, "log_dir", None)), None)
+        directory = Path(log_dir or trainer.default_root_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.samples_path = self.samples.to_csv(directory / "samples.csv")
+        image = draw_data_map(self.samples, directory / "data_map.png")
+        if image is None:
+            return
+        self.data_map_path = directory / "data_map.png"
+        add_image(trainer, join_key(self.prefix, "data_map"), image, trainer.global_step)
+
+    def _samples_line(self) -> str | None:
+        return None if self.samples is None or not len(self.samples) else summary_line(self.samples)
 
     def summary(self) -> str:
         """The end-of-fit summary as plain text: the last values per metric, and a one-sentence reading of each.
@@ -309,7 +328,9 @@ class EvalGuard(Callback, _StandaloneCallback):
             A table of running, clean, gap, validation and generalization values (and the effects when decomposing)
                 from the last evaluated epoch, followed by one reading per metric.
         """
-        return summary_text(self._summary_rows())
+        text = summary_text(self._summary_rows())
+        line = self._samples_line()
+        return text if line is None else f"{text}\n{line}"
 
     @property
     def samples(self) -> SampleStats | None:

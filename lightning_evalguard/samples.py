@@ -17,7 +17,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["PassOutputs", "SampleStats", "SampleTracker", "classification_outputs"]
+__all__ = [
+    "PassOutputs",
+    "SampleStats",
+    "SampleTracker",
+    "classification_outputs",
+    "draw_data_map",
+    "summary_line",
+]
 
 #: The per-sample fields, in the order of ``to_csv`` and ``to_dict``.
 FIELDS = (
@@ -447,3 +454,76 @@ class SampleTracker:
         return self.stats.update(
             epoch, ids[order], targets[order], scores[order], probabilities[order], predictions[order]
         )
+
+
+def summary_line(stats: SampleStats, k: int = 5) -> str:
+    """One line for the end-of-fit summary: how many samples were never learned, and the strongest suspects.
+
+    Args:
+        stats: The statistics.
+        k: How many suspects to name.
+
+    Returns:
+        E.g. ``"Samples: 12 of 1437 never predicted right; strongest suspects (index, given, predicted): (803, 3, 8),
+        ..."``.
+    """
+    if stats.scored:
+        lowest = ", ".join(f"{row['indices']}" for row in stats.suspects(k))
+        return f"Samples: {len(stats)} tracked; lowest mean score (index): {lowest}."
+    never = int((stats.first_learned < 0).sum())
+    suspects = ", ".join(f"({row['indices']}, {row['targets']}, {row['last_prediction']})" for row in stats.suspects(k))
+    return (
+        f"Samples: {never} of {len(stats)} never predicted right; strongest suspects (index, given, predicted):"
+        f" {suspects}."
+    )
+
+
+def draw_data_map(stats: SampleStats, path: str | Path, k: int = 20) -> Any:
+    """Draw the data map to ``path`` (with matplotlib): variability against confidence, the suspects circled.
+
+    x: variability, y: confidence, colour: the fraction of passes predicted right; the ``k`` suspects are circled.
+
+    Args:
+        stats: The statistics (classification: with ``sample_score`` there is no probability to map).
+        path: The PNG to write.
+        k: How many suspects to mark.
+
+    Returns:
+        The image as an ``(H, W, 3)`` uint8 array, or None when matplotlib is missing or there is nothing to draw.
+    """
+    if stats.scored or not len(stats):
+        return None
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    import numpy as np
+
+    figure = Figure(figsize=(6.4, 5.2), dpi=100)
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    fraction = (stats.correct.double() / max(stats.passes, 1)).numpy()
+    points = axes.scatter(
+        stats.variability.numpy(), stats.confidence.numpy(), c=fraction, cmap="viridis", vmin=0, vmax=1, s=12
+    )
+    figure.colorbar(points, ax=axes, label="fraction of passes predicted right")
+    suspects = stats.suspects(k)
+    if suspects:
+        positions = torch.searchsorted(stats.indices, torch.tensor([row["indices"] for row in suspects]))
+        axes.scatter(
+            stats.variability[positions].numpy(),
+            stats.confidence[positions].numpy(),
+            s=80,
+            facecolors="none",
+            edgecolors="red",
+            label=f"{len(suspects)} lowest mean margin",
+        )
+        axes.legend(loc="lower right")
+    axes.set_xlabel("variability (std of the probability of the given label over passes)")
+    axes.set_ylabel("confidence (mean probability of the given label)")
+    axes.set_title(f"EvalGuard data map: {len(stats)} samples, {stats.passes} clean passes")
+    figure.tight_layout()
+    canvas.draw()  # type: ignore[no-untyped-call]
+    figure.savefig(path)
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()  # type: ignore[no-untyped-call]

@@ -243,8 +243,25 @@ def write_tensorboard_layout(trainer: pl.Trainer, layout: Any) -> None:
             writer.add_custom_scalars(layout)
 
 
+def add_image(trainer: pl.Trainer, tag: str, image: Any, step: int) -> None:
+    """Send an ``(H, W, 3)`` image to every attached TensorBoardLogger (rank zero only).
+
+    Args:
+        trainer: The Trainer.
+        tag: The image's tag.
+        image: The pixels.
+        step: The global step.
+    """
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        writer: Any = getattr(logger, "experiment", None) if _is_tensorboard_logger(logger) else None
+        if hasattr(writer, "add_image"):
+            writer.add_image(tag, image, step, dataformats="HWC")
+
+
 @rank_zero_only
-def print_summary(rows: list[dict[str, str]]) -> None:
+def print_summary(rows: list[dict[str, str]], extra: str | None = None) -> None:
     """Print the end-of-fit summary on rank zero: a rich table in a terminal, plain text elsewhere.
 
     The summary is the one thing EvalGuard prints (``print_summary=False`` turns it off). In log files and pipes rich
@@ -252,6 +269,7 @@ def print_summary(rows: list[dict[str, str]]) -> None:
 
     Args:
         rows: What :func:`summary_rows` returned.
+        extra: A line printed after it (the per-sample statistics'), or None.
     """
     rendered = render_summary(rows) if sys.stdout.isatty() else summary_text(rows)
     if isinstance(rendered, str):
@@ -260,6 +278,8 @@ def print_summary(rows: list[dict[str, str]]) -> None:
         from rich.console import Console
 
         Console().print(rendered)
+    if extra:
+        print(extra)
 
 
 def _is_tensorboard_logger(logger: Any) -> bool:

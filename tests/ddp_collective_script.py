@@ -3,7 +3,8 @@ all-gather does. A rank that made fewer forwards than the other would leave it w
 
 Usage: python ddp_collective_script.py OUT_DIR N BATCH_SIZE LIMIT DECOMPOSE CACHE [opaque]
 (LIMIT: "none", an int number of batches or a float fraction; DECOMPOSE, CACHE: 0 or 1; "opaque": batches carry an
-object with its own ``to``, which the cache cannot copy)
+object with its own ``to``, which the cache cannot copy; "track": track_samples=True, each rank's statistics and each
+epoch's eval logits are written)
 """
 
 from __future__ import annotations
@@ -82,6 +83,24 @@ class Stop(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         (self.out / f"forwards{trainer.global_rank}.json").write_text(json.dumps(pl_module.forwards))
+        guard = next(callback for callback in trainer.callbacks if isinstance(callback, EvalGuard))
+        if guard.samples is not None:
+            torch.save(guard.samples.to_dict(), self.out / f"samples{trainer.global_rank}.pt")
+
+
+class Logits(pl.Callback):
+    """After EvalGuard: each epoch's eval logits of every sample, from this rank's weights (the Linear alone: no
+    collective)."""
+
+    def __init__(self, out: Path, x: torch.Tensor) -> None:
+        self.out, self.x, self.logits = out, x, []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        with torch.no_grad():
+            self.logits.append(pl_module.net[1](self.x).double())
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        torch.save(torch.stack(self.logits), self.out / f"logits{trainer.global_rank}.pt")
 
 
 class Meta:
@@ -105,6 +124,7 @@ def main() -> None:
     out, n, batch_size = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     limit_arg, decompose, cache = sys.argv[4], sys.argv[5] == "1", sys.argv[6] == "1"
     limit: Any = None if limit_arg == "none" else (float(limit_arg) if "." in limit_arg else int(limit_arg))
+    extras = set(sys.argv[7:])
     warnings.filterwarnings("ignore")
     pl.seed_everything(0, verbose=False)
     x, y = make_tensors(n)
@@ -116,6 +136,7 @@ def main() -> None:
         decompose=decompose,
         cache=cache,
         print_summary=False,
+        track_samples="track" in extras,
     )
     trainer = pl.Trainer(
         default_root_dir=out,
@@ -127,10 +148,10 @@ def main() -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[Count(), guard, Stop(out)],
+        callbacks=[Count(), guard, Stop(out), Logits(out, x)],
     )
     model = Collective()
-    opaque = len(sys.argv) > 7 and sys.argv[7] == "opaque"
+    opaque = "opaque" in extras
     trainer.fit(model, loader(TensorData(x, y), batch_size=8, collate_fn=with_meta if opaque else None))
     torch.save(model.state_dict(), out / "weights.pt")
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}

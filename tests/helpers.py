@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -243,3 +245,28 @@ class CacheWatcher(EvalGuard):
             if source.cache is not None
         ]
         super().on_fit_end(trainer, pl_module)
+
+
+def reference_sample_stats(logits: Sequence[torch.Tensor], y: torch.Tensor) -> dict[str, list[float]]:
+    """The statistics by a plain float64 loop over epochs and samples."""
+    fields: dict[str, list[float]] = {name: [] for name in ("mean_margin", "last_margin", "confidence", "variability")}
+    fields.update(correct=[], forgetting=[], first_learned=[], last_prediction=[])
+    for i in range(len(y)):
+        margins, probabilities, rights = [], [], []
+        for epoch_logits in logits:
+            row, label = epoch_logits[i], int(y[i])
+            others = [float(row[c]) for c in range(len(row)) if c != label]
+            margins.append(float(row[label]) - max(others))
+            exp = [math.exp(float(v) - float(row.max())) for v in row]
+            probabilities.append(exp[label] / sum(exp))
+            rights.append(int(row.argmax()) == label)
+        mean = sum(probabilities) / len(probabilities)
+        fields["mean_margin"].append(sum(margins) / len(margins))
+        fields["last_margin"].append(margins[-1])
+        fields["confidence"].append(mean)
+        fields["variability"].append(math.sqrt(sum((p - mean) ** 2 for p in probabilities) / len(probabilities)))
+        fields["correct"].append(sum(rights))
+        fields["forgetting"].append(sum(1 for a, b in itertools.pairwise(rights) if a and not b))
+        fields["first_learned"].append(next((epoch for epoch, right in enumerate(rights) if right), -1))
+        fields["last_prediction"].append(int(logits[-1][i].argmax()))
+    return fields

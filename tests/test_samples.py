@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from typing import Any
 
@@ -25,6 +24,7 @@ from helpers import (
     loader,
     make_tensors,
     micro_accuracy,
+    reference_sample_stats,
     trainer,
 )
 
@@ -42,31 +42,6 @@ class Outputs(pl.Callback):
             self.logits.append(model(self.x).double())
 
 
-def reference(logits: list[torch.Tensor], y: torch.Tensor) -> dict[str, list[float]]:
-    """The statistics by a plain float64 loop over epochs and samples."""
-    fields: dict[str, list[float]] = {name: [] for name in ("mean_margin", "last_margin", "confidence", "variability")}
-    fields.update(correct=[], forgetting=[], first_learned=[], last_prediction=[])
-    for i in range(len(y)):
-        margins, probabilities, rights = [], [], []
-        for epoch_logits in logits:
-            row, label = epoch_logits[i], int(y[i])
-            others = [float(row[c]) for c in range(len(row)) if c != label]
-            margins.append(float(row[label]) - max(others))
-            exp = [math.exp(float(v) - float(row.max())) for v in row]
-            probabilities.append(exp[label] / sum(exp))
-            rights.append(int(row.argmax()) == label)
-        mean = sum(probabilities) / len(probabilities)
-        fields["mean_margin"].append(sum(margins) / len(margins))
-        fields["last_margin"].append(margins[-1])
-        fields["confidence"].append(mean)
-        fields["variability"].append(math.sqrt(sum((p - mean) ** 2 for p in probabilities) / len(probabilities)))
-        fields["correct"].append(sum(rights))
-        fields["forgetting"].append(sum(1 for a, b in itertools.pairwise(rights) if a and not b))
-        fields["first_learned"].append(next((epoch for epoch, right in enumerate(rights) if right), -1))
-        fields["last_prediction"].append(int(logits[-1][i].argmax()))
-    return fields
-
-
 def test_the_statistics_equal_a_float64_loop_over_each_epochs_eval_outputs(tmp_path):
     x, y = make_tensors(40)
     guard = EvalGuard({"acc": micro_accuracy()}, eval_transform=nn.Identity(), track_samples=True, batch_size=7)
@@ -76,7 +51,7 @@ def test_the_statistics_equal_a_float64_loop_over_each_epochs_eval_outputs(tmp_p
     stats = guard.samples
     assert stats is not None and stats.passes == 4 and len(stats) == 40
     assert stats.indices.tolist() == list(range(40)) and stats.targets.tolist() == y.tolist()
-    expected = reference(outputs.logits, y)
+    expected = reference_sample_stats(outputs.logits, y)
     for name in ("mean_margin", "last_margin", "confidence", "variability"):
         assert getattr(stats, name).double().tolist() == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
     for name in ("correct", "forgetting", "first_learned", "last_prediction"):
@@ -203,3 +178,24 @@ def test_statistics_memory_stays_under_64_bytes_per_sample():
         if isinstance(tensor, torch.Tensor)
     )
     assert size <= 64 * 1000
+
+
+def test_the_end_of_fit_writes_the_csv_and_the_data_map_and_the_summary_names_the_suspects(tmp_path, capsys):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    x, y = make_tensors(30)
+    guard = EvalGuard({"acc": micro_accuracy()}, eval_transform=nn.Identity(), track_samples=True)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    trainer(tmp_path, max_epochs=2, callbacks=[guard], logger=logger).fit(
+        Classifier("linear"), loader(TensorData(x, y))
+    )
+    assert guard.samples_path == __import__("pathlib").Path(logger.log_dir) / "samples.csv"
+    assert guard.samples_path.read_text().count("\n") == 31
+    assert guard.data_map_path is not None and guard.data_map_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert "evalguard/data_map" in events.Tags()["images"]
+    out = capsys.readouterr().out
+    assert "never predicted right; strongest suspects (index, given, predicted):" in out
+    assert guard.summary().splitlines()[-1].startswith("Samples: ")

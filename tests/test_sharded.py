@@ -98,3 +98,20 @@ def test_a_cache_over_batches_it_cannot_copy_is_dropped_on_every_rank_also_one_w
     result = run(tmp_path, 40, 1, "1", False, True, "opaque")
     assert result["forwards"] == [{"start": 4, "epoch0": 1, "epoch1": 1}] * 2
     assert result["metrics"]["evalguard/clean/n"] == 1.0
+
+
+def test_per_sample_statistics_are_gathered_and_the_same_on_every_rank(tmp_path):
+    from helpers import reference_sample_stats
+
+    run(tmp_path, 101, 10, "none", False, False, "track")
+    stats = [torch.load(tmp_path / f"samples{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for name, value in stats[0].items():
+        assert value == stats[1][name] if isinstance(value, int) else torch.equal(value, stats[1][name]), name
+    assert stats[0]["passes"] == 2 and stats[0]["indices"].tolist() == list(range(101))
+    logits = torch.load(tmp_path / "logits0.pt", weights_only=True)
+    _, y = make_tensors(101)
+    expected = reference_sample_stats(list(logits), y)
+    for name in ("mean_margin", "confidence", "variability"):
+        assert stats[0][name].double().tolist() == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
+    for name in ("correct", "forgetting", "first_learned", "last_prediction"):
+        assert stats[0][name].tolist() == expected[name], name
