@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_evalguard.samples import draw_data_map, read_csv, suspects_of
 from lightning_evalguard.summary import EFFECT_LABELS, format_value, reading
 
 if TYPE_CHECKING:
@@ -120,10 +121,12 @@ class RunLog:
     Attributes:
         path: The directory, relative to LOGDIR (``"."`` for LOGDIR itself), with ``/`` separators.
         metrics: Per prefix, then per metric, in the order the tags were first written.
+        samples: The run's ``samples.csv`` (``track_samples=True``), if it has one.
     """
 
     path: str
     metrics: tuple[MetricLog, ...]
+    samples: Path | None = None
 
 
 def find_run_dirs(logdir: Path) -> list[Path]:
@@ -230,7 +233,9 @@ def load_runs(logdir: str | Path) -> list[RunLog]:
         scalars = read_scalars(run_dir)
         metrics = parse_scalars(scalars)
         if metrics:
-            runs.append(RunLog(path=run_dir.relative_to(root).as_posix(), metrics=metrics))
+            samples = run_dir / "samples.csv"
+            path = run_dir.relative_to(root).as_posix()
+            runs.append(RunLog(path=path, metrics=metrics, samples=samples if samples.is_file() else None))
         other_tags.update(dict.fromkeys(scalars))
     if not runs:
         shown = ", ".join(list(other_tags)[:6]) + (", ..." if len(other_tags) > 6 else "")
@@ -270,11 +275,40 @@ def render_metric(metric: MetricLog) -> str:
     return "\n".join(lines)
 
 
-def render_report(runs: Sequence[RunLog]) -> str:
-    """The report: for each run a heading with its path, then a table per metric.
+def render_suspects(path: Path, k: int = 20) -> str:
+    """The ``k`` samples of a ``samples.csv`` with the lowest mean margin: a lead list for label noise.
+
+    Args:
+        path: The run's ``samples.csv``.
+        k: How many.
+
+    Returns:
+        A heading and a table of index, given and predicted label, mean margin, confidence, variability, forgetting.
+    """
+    fields = read_csv(path)
+    header = ["index", "given", "predicted", "mean margin", "confidence", "variability", "forgetting"]
+    rows = [
+        [
+            str(row["indices"]),
+            str(row["targets"]),
+            str(row["last_prediction"]),
+            format_value(row["mean_margin"]),
+            format_value(row["confidence"]),
+            format_value(row["variability"]),
+            str(row["forgetting"]),
+        ]
+        for row in suspects_of(fields, k)
+    ]
+    title = f"suspects: the {len(rows)} lowest mean margins of {len(fields['indices'])} samples ({path.name})"
+    return "\n".join([title, *_table(header, rows)])
+
+
+def render_report(runs: Sequence[RunLog], suspects: int = 20) -> str:
+    """The report: for each run a heading with its path, a table per metric, and its suspects when it tracked samples.
 
     Args:
         runs: From ``load_runs``.
+        suspects: How many suspects to list per run with a ``samples.csv`` (0: none).
 
     Returns:
         The text, without a trailing newline.
@@ -282,8 +316,29 @@ def render_report(runs: Sequence[RunLog]) -> str:
     sections = []
     for run in runs:
         heading = f"run {run.path}"
-        sections.append("\n\n".join([f"{heading}\n{'=' * len(heading)}", *map(render_metric, run.metrics)]))
+        parts = [f"{heading}\n{'=' * len(heading)}", *map(render_metric, run.metrics)]
+        if run.samples is not None and suspects > 0:
+            parts.append(render_suspects(run.samples, suspects))
+        sections.append("\n\n".join(parts))
     return "\n\n".join(sections)
+
+
+def data_map_paths(runs: Sequence[RunLog], png: str | Path) -> list[tuple[RunLog, Path]]:
+    """Where ``--png FILE`` draws the data maps: ``FILE``'s name with ``-data_map`` (and the run's number if several).
+
+    Args:
+        runs: From ``load_runs``.
+        png: The ``--png`` argument.
+
+    Returns:
+        ``(run, path)`` for each run with a ``samples.csv``.
+    """
+    png = Path(png)
+    tracked = [run for run in runs if run.samples is not None]
+    return [
+        (run, png.with_name(f"{png.stem}-data_map{'' if len(tracked) == 1 else f'-{number}'}{png.suffix}"))
+        for number, run in enumerate(tracked)
+    ]
 
 
 def _figure_class() -> type[Figure]:
@@ -359,7 +414,18 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     report.add_argument("logdir", metavar="LOGDIR", help="a TensorBoard log directory, searched recursively")
-    report.add_argument("--png", metavar="FILE", help=f"also draw the curves into FILE (needs {_PLOT_HINT})")
+    report.add_argument(
+        "--png",
+        metavar="FILE",
+        help=f"also draw the curves into FILE, and each run's data map next to it (needs {_PLOT_HINT})",
+    )
+    report.add_argument(
+        "--suspects",
+        metavar="K",
+        type=int,
+        default=20,
+        help="how many suspects (lowest mean margin) to list for a run with samples.csv (default 20)",
+    )
     return parser
 
 
@@ -383,12 +449,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ReportError, OSError) as error:
         print(f"evalguard: {error}", file=sys.stderr)
         return 2
-    print(render_report(runs))
+    print(render_report(runs, suspects=args.suspects))
     if args.png is not None:
         try:
             plot_runs(runs, args.png)
+            maps = []
+            for run, path in data_map_paths(runs, args.png):
+                assert run.samples is not None
+                if draw_data_map(read_csv(run.samples), path) is not None:
+                    maps.append(path)
         except (ReportError, OSError) as error:
             print(f"evalguard: cannot write {args.png!r}: {error}", file=sys.stderr)
             return 2
-        print(f"\nwrote {args.png}")
+        print(f"\nwrote {', '.join(map(str, [args.png, *maps]))}")
     return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ __all__ = [
     "SampleTracker",
     "classification_outputs",
     "draw_data_map",
+    "read_csv",
+    "suspects_of",
     "summary_line",
 ]
 
@@ -309,17 +311,10 @@ class SampleStats:
         Returns:
             One dict per sample with its fields as Python numbers, lowest mean margin first.
         """
-        order = sorted(
-            range(len(self)), key=lambda position: (float(self.mean_margin[position]), int(self.indices[position]))
-        )
-        rows = []
-        fields = self.to_dict()
-        for position in order[:k]:
-            rows.append({name: fields[name][position].item() for name in FIELDS})
-        return rows
+        return suspects_of(self.to_dict(), k)
 
     def to_csv(self, path: str | Path) -> Path:
-        """Write one row per tracked sample (the fields above) to ``path``.
+        """Write one row per tracked sample (the fields above, then ``passes``) to ``path``.
 
         Args:
             path: The file to write.
@@ -329,10 +324,10 @@ class SampleStats:
         """
         path = Path(path)
         fields = self.to_dict()
-        columns = [fields[name].tolist() for name in FIELDS]
+        columns = [fields[name].tolist() for name in FIELDS] + [[self.passes] * len(self)]
         with path.open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(FIELDS)
+            writer.writerow((*FIELDS, "passes"))
             writer.writerows(zip(*columns, strict=True))
         return path
 
@@ -478,7 +473,44 @@ def summary_line(stats: SampleStats, k: int = 5) -> str:
     )
 
 
-def draw_data_map(stats: SampleStats, path: str | Path, k: int = 20) -> Any:
+def suspects_of(fields: Mapping[str, Any], k: int = 20) -> list[dict[str, Any]]:
+    """The ``k`` samples with the lowest ``mean_margin``, ties by index, from per-sample columns.
+
+    Args:
+        fields: ``SampleStats.to_dict()`` or :func:`read_csv`'s columns.
+        k: How many.
+
+    Returns:
+        One dict per sample with its fields as Python numbers, lowest mean margin first.
+    """
+    margins, indices = fields["mean_margin"].tolist(), fields["indices"].tolist()
+    order = sorted(range(len(indices)), key=lambda position: (margins[position], indices[position]))
+    return [{name: fields[name][position].item() for name in FIELDS} for position in order[:k]]
+
+
+def read_csv(path: str | Path) -> dict[str, Any]:
+    """Read a ``samples.csv`` back into per-sample columns (1-D tensors) and ``passes``.
+
+    Args:
+        path: The file ``SampleStats.to_csv`` wrote.
+
+    Returns:
+        ``{"passes": int, "indices": tensor, ...}`` as ``SampleStats.to_dict()`` gives them.
+    """
+    with Path(path).open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    integers = {"indices", "targets", "correct", "forgetting", "first_learned", "last_prediction"}
+    fields: dict[str, Any] = {"passes": int(rows[0]["passes"]) if rows and "passes" in rows[0] else 0}
+    for name in FIELDS:
+        values = [row[name] for row in rows]
+        if name in integers:
+            fields[name] = torch.tensor([int(value) for value in values], dtype=torch.long)
+        else:
+            fields[name] = torch.tensor([float(value) for value in values], dtype=torch.float32)
+    return fields
+
+
+def draw_data_map(stats: SampleStats | Mapping[str, Any], path: str | Path, k: int = 20) -> Any:
     """Draw the data map to ``path`` (with matplotlib): variability against confidence, the suspects circled.
 
     x: variability, y: confidence, colour: the fraction of passes predicted right; the ``k`` suspects are circled.
@@ -491,7 +523,9 @@ def draw_data_map(stats: SampleStats, path: str | Path, k: int = 20) -> Any:
     Returns:
         The image as an ``(H, W, 3)`` uint8 array, or None when matplotlib is missing or there is nothing to draw.
     """
-    if stats.scored or not len(stats):
+    fields = stats.to_dict() if isinstance(stats, SampleStats) else stats
+    count, passes = len(fields["indices"]), int(fields["passes"])
+    if not count or bool(torch.isnan(fields["confidence"]).all()):  # nothing, or sample_score: no probability
         return None
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -503,17 +537,16 @@ def draw_data_map(stats: SampleStats, path: str | Path, k: int = 20) -> Any:
     figure = Figure(figsize=(6.4, 5.2), dpi=100)
     canvas = FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    fraction = (stats.correct.double() / max(stats.passes, 1)).numpy()
-    points = axes.scatter(
-        stats.variability.numpy(), stats.confidence.numpy(), c=fraction, cmap="viridis", vmin=0, vmax=1, s=12
-    )
+    variability, confidence = fields["variability"], fields["confidence"]
+    fraction = (fields["correct"].double() / max(passes, 1)).numpy()
+    points = axes.scatter(variability.numpy(), confidence.numpy(), c=fraction, cmap="viridis", vmin=0, vmax=1, s=12)
     figure.colorbar(points, ax=axes, label="fraction of passes predicted right")
-    suspects = stats.suspects(k)
+    suspects = suspects_of(fields, k)
     if suspects:
-        positions = torch.searchsorted(stats.indices, torch.tensor([row["indices"] for row in suspects]))
+        positions = torch.searchsorted(fields["indices"], torch.tensor([row["indices"] for row in suspects]))
         axes.scatter(
-            stats.variability[positions].numpy(),
-            stats.confidence[positions].numpy(),
+            variability[positions].numpy(),
+            confidence[positions].numpy(),
             s=80,
             facecolors="none",
             edgecolors="red",
@@ -522,7 +555,7 @@ def draw_data_map(stats: SampleStats, path: str | Path, k: int = 20) -> Any:
         axes.legend(loc="lower right")
     axes.set_xlabel("variability (std of the probability of the given label over passes)")
     axes.set_ylabel("confidence (mean probability of the given label)")
-    axes.set_title(f"EvalGuard data map: {len(stats)} samples, {stats.passes} clean passes")
+    axes.set_title(f"EvalGuard data map: {count} samples, {passes} clean passes")
     figure.tight_layout()
     canvas.draw()  # type: ignore[no-untyped-call]
     figure.savefig(path)

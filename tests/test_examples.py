@@ -106,3 +106,15 @@ def test_cli_example_configures_evalguard_and_its_metrics_in_yaml(tmp_path, monk
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     events.Reload()
     assert {"evalguard/clean/acc", "evalguard/running/acc", "evalguard/gap/acc"} <= set(events.Tags()["scalars"])
+
+
+def test_label_noise_example_names_the_suspects_and_finds_flipped_labels(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # as `python examples/label_noise.py` does, for `import digits`
+    label_noise = load("label_noise")
+    guard = label_noise.main(["--max-epochs", "4", "--root-dir", str(tmp_path), "--quiet"])
+    out = capsys.readouterr().out
+    assert "The 10 strongest suspects of 1437 training samples (lowest mean margin):" in out
+    found = int(out.split(" of the top 144 suspects are among the 144 flipped labels")[0].rsplit("\n", 1)[-1])
+    assert found >= 100  # already after 4 epochs most flipped labels are among the suspects
+    assert guard.samples_path is not None and guard.samples_path.is_file()
+    assert guard.data_map_path is not None and guard.data_map_path.is_file()

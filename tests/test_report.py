@@ -238,3 +238,25 @@ def test_png_in_a_missing_directory_exits_2_with_one_line(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1
     assert captured.err.startswith("evalguard: cannot write --png") and "directory does not exist" in captured.err
+
+
+def test_the_report_lists_the_suspects_of_a_run_that_tracked_samples_and_draws_its_data_map(tmp_path, capsys):
+    root = tmp_path / "logs"
+    x, y = make_tensors(40)
+    guard = EvalGuard(
+        {"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")}, track_samples=True, print_summary=False
+    )
+    trainer(root, max_epochs=2, callbacks=[guard], logger=TensorBoardLogger(root)).fit(
+        Classifier("linear"), loader(TensorData(x, y))
+    )
+    assert guard.samples is not None
+    png = tmp_path / "report.png"
+    assert main(["report", str(root), "--suspects", "3", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "suspects: the 3 lowest mean margins of 40 samples (samples.csv)" in out
+    header = next(line for line in out.splitlines() if line.startswith("index"))
+    assert header.split()[:3] == ["index", "given", "predicted"]
+    listed = [int(line.split()[0]) for line in out.splitlines()[out.splitlines().index(header) + 1 :][:3]]
+    assert listed == [row["indices"] for row in guard.samples.suspects(3)]
+    data_map = tmp_path / "report-data_map.png"
+    assert data_map.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}, {data_map}" in out

@@ -199,3 +199,25 @@ def test_the_end_of_fit_writes_the_csv_and_the_data_map_and_the_summary_names_th
     out = capsys.readouterr().out
     assert "never predicted right; strongest suspects (index, given, predicted):" in out
     assert guard.summary().splitlines()[-1].startswith("Samples: ")
+
+
+def test_a_resumed_run_ends_with_the_statistics_of_an_uninterrupted_one(tmp_path):
+    # a deterministic fit (no shuffling, no random layer, no augmentation), so both runs train the same weights
+    x, y = make_tensors(30)
+
+    def run(epochs: int, ckpt_path: Any = None, save: Any = None) -> EvalGuard:
+        pl.seed_everything(0, verbose=False)
+        guard = EvalGuard({"acc": micro_accuracy()}, track_samples=True, print_summary=False)
+        pl_trainer = trainer(tmp_path, max_epochs=epochs, callbacks=[guard], enable_checkpointing=True)
+        pl_trainer.fit(Classifier("linear"), loader(TensorData(x, y), shuffle=False), ckpt_path=ckpt_path)
+        if save is not None:
+            pl_trainer.save_checkpoint(save)
+        return guard
+
+    uninterrupted = run(4)
+    run(2, save=tmp_path / "two.ckpt")
+    resumed = run(4, ckpt_path=tmp_path / "two.ckpt")
+    assert uninterrupted.samples is not None and resumed.samples is not None and resumed.samples.passes == 4
+    for name, value in uninterrupted.samples.to_dict().items():
+        other = resumed.samples.to_dict()[name]
+        assert value == other if isinstance(value, int) else torch.equal(value, other), name
