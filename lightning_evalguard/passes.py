@@ -529,8 +529,7 @@ class Passes:
 
         with pass_progress(trainer, source.num_batches, description) as step:
             batches = run_pass(trainer, pl_module, loader, metrics, self.forward, max_batches, step, count, observe)
-        if outputs is not None and self.tracker is not None:  # every rank's values, folded in on every rank
-            self.samples_logged = self.tracker.fold(trainer.current_epoch, gather(trainer, outputs.to_host()))
+        computed: dict[str, torch.Tensor] = {}
         if total(trainer, pl_module.device, batches) == 0:
             self._warn(
                 f"empty:{source.name}",
@@ -538,8 +537,12 @@ class Passes:
                 + (f" in{source.where}" if source.name else "")
                 + "; nothing is logged for it. Is the training set empty?",
             )
-            return {}
-        return {join_key(source.name, name): value for name, value in flatten_scalars(metrics.compute()).items()}
+        else:
+            scalars = flatten_scalars(metrics.compute())
+            computed = {join_key(source.name, name): value for name, value in scalars.items()}
+        if outputs is not None and self.tracker is not None:  # every rank's values, folded in on every rank
+            self.samples_logged = self.tracker.fold(trainer.current_epoch, gather(trainer, outputs.to_host()))
+        return computed
 
     def _check_inside(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: CleanSource, inside: StateSnapshot

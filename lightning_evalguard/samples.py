@@ -58,7 +58,7 @@ def classification_outputs(preds: torch.Tensor, target: torch.Tensor) -> tuple[t
         target: Its integer labels, shape (B,).
 
     Returns:
-        ``(margin, probability, prediction)``, each of shape (B,): float64, float64, int64.
+        ``(margin, probability, prediction)``, each of shape (B,), in the preds' precision (at least float32).
 
     Raises:
         ValueError: If the shapes are not those of a classification batch.
@@ -78,15 +78,14 @@ def classification_outputs(preds: torch.Tensor, target: torch.Tensor) -> tuple[t
             f" shape {tuple(target.shape)} and dtype {target.dtype}. Pass `sample_score=` (preds, target) -> a score"
             " per sample (higher = fits better) for other tasks."
         )
-    scores = preds.double()
-    rows_are_probabilities = ((scores >= 0) & (scores <= 1)).all() & torch.isclose(
-        scores.sum(1), torch.ones((), dtype=scores.dtype, device=scores.device), atol=1e-6
-    ).all()
-    probabilities = torch.where(rows_are_probabilities, scores, scores.softmax(1))
+    scores = preds if preds.dtype in (torch.float32, torch.float64) else preds.float()
+    low, high = scores.aminmax()
+    rows_are_probabilities = (low >= 0) & (high <= 1) & ((scores.sum(1) - 1).abs().amax() <= 1e-6)
     labels = target.long().unsqueeze(1)
     given = scores.gather(1, labels).squeeze(1)
+    probability = torch.where(rows_are_probabilities, given, (given - scores.logsumexp(1)).exp())
     others = scores.scatter(1, labels, float("-inf")).amax(1)
-    return given - others, probabilities.gather(1, labels).squeeze(1), scores.argmax(1)
+    return given - others, probability, scores.argmax(1)
 
 
 class PassOutputs:
@@ -101,10 +100,10 @@ class PassOutputs:
     """
 
     def __init__(self) -> None:
-        self._parts: list[tuple[torch.Tensor, ...]] = []
+        self._parts: list[tuple[Any, ...]] = []
 
     def add(self, ids: torch.Tensor, target: Any, scores: torch.Tensor, probabilities: Any, predictions: Any) -> None:
-        """Keep one batch's values (no host sync).
+        """Keep one batch's values as they are (no copy, no host sync); :meth:`to_host` converts them once.
 
         Args:
             ids: The batch's dataset indices.
@@ -113,33 +112,38 @@ class PassOutputs:
             probabilities: One probability per sample, or None.
             predictions: One predicted label per sample, or None.
         """
-        device = scores.device
-        count = scores.shape[0]
-        labels = target.long() if isinstance(target, torch.Tensor) and not target.is_floating_point() else None
-        missing = torch.full((count,), -1, dtype=torch.long, device=device)
-        self._parts.append(
-            (
-                ids.to(device=device, dtype=torch.long).reshape(-1),
-                (labels if labels is not None and labels.ndim == 1 else missing).to(device),
-                scores.detach().double().reshape(-1),
-                (probabilities if probabilities is not None else torch.full((count,), math.nan, device=device))
-                .detach()
-                .double()
-                .reshape(-1),
-                (predictions if predictions is not None else missing).long().reshape(-1),
-            )
+        labels = (
+            target if isinstance(target, torch.Tensor) and target.ndim == 1 and not target.is_floating_point() else None
         )
+        self._parts.append((ids, labels, scores.detach(), probabilities, predictions, scores.shape[0]))
 
     def to_host(self) -> tuple[torch.Tensor, ...]:
-        """All batches' values, concatenated and moved to the host once.
+        """All batches' values, concatenated, converted and moved to the host once.
 
         Returns:
-            ``(ids, targets, scores, probabilities, predictions)`` on the CPU (empty when the pass had no batch).
+            ``(ids, targets, scores, probabilities, predictions)`` on the CPU: int64, int64, float64, float64, int64
+            (-1 or NaN where a batch had no such value; empty when the pass had no batch).
         """
         if not self._parts:
             empty = torch.empty(0, dtype=torch.long)
             return empty, empty, torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64), empty
-        return tuple(torch.cat(column).cpu() for column in zip(*self._parts, strict=True))
+
+        def column(position: int, dtype: torch.dtype, fill: float) -> torch.Tensor:
+            values = [
+                part[position].reshape(-1).to(dtype)
+                if part[position] is not None
+                else torch.full((part[5],), fill, dtype=dtype, device=part[2].device)
+                for part in self._parts
+            ]
+            return torch.cat(values).cpu()
+
+        return (
+            column(0, torch.long, -1),
+            column(1, torch.long, -1),
+            column(2, torch.float64, math.nan),
+            column(3, torch.float64, math.nan),
+            column(4, torch.long, -1),
+        )
 
 
 class SampleStats:
@@ -413,7 +417,7 @@ class SampleTracker:
             positions: The dataset indices the rebuilt loader reads, in order, or None.
             start: How many samples the pass read before this batch.
             count: The batch's number of samples.
-            device: Where to put them.
+            device: The batch's device (ids from ``sample_ids`` stay where they are; the loader's order on the host).
 
         Returns:
             A LongTensor of shape (count,).
@@ -429,7 +433,8 @@ class SampleTracker:
                 )
             return ids
         assert positions is not None
-        return torch.as_tensor(list(positions[start : start + count]), dtype=torch.long, device=device)
+        # Kept on the host, where the loader's order is: a copy to the device per batch would wait for the device.
+        return torch.as_tensor(positions[start : start + count], dtype=torch.long)
 
     def fold(self, epoch: int, gathered: Sequence[tuple[torch.Tensor, ...]]) -> dict[str, float]:
         """Add one pass's values, from every rank, to the statistics.

@@ -77,10 +77,16 @@ def strict_forward(module: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]
     return module(batch[0]), batch[1]
 
 
-def test_the_batch_loop_does_not_sync_with_the_host(tmp_path):
+@pytest.mark.parametrize("track_samples", [False, True])
+def test_the_batch_loop_does_not_sync_with_the_host(tmp_path, track_samples):
     x, y = make_tensors(64)
     guard = EvalGuard(
-        {"correct": StrictCorrect()}, eval_transform=nn.Identity(), running={}, guards="off", forward=strict_forward
+        {"correct": StrictCorrect()},
+        eval_transform=nn.Identity(),
+        running={},
+        guards="off",
+        forward=strict_forward,
+        track_samples=track_samples,  # per-sample values gathered on the device, moved to the host once per pass
     )
     pl_trainer = trainer(tmp_path, max_epochs=1, accelerator="cuda", callbacks=[guard])
     try:
