@@ -68,6 +68,9 @@ class EvalGuard(Callback, _StandaloneCallback):
       ``<prefix>/effect/weight_drift/<name>``: with ``decompose=True``, the gap's three causes (they add up to it);
     - ``<prefix>/stderr/<name>``: for micro-averaged accuracies on a ``limit_batches`` subset of n samples,
       sqrt(p (1 - p) / n);
+    - ``<prefix>/samples/learned``, ``<prefix>/samples/forgotten``, ``<prefix>/samples/never_learned``: with
+      ``track_samples=True``, the fraction of tracked samples predicted right in the pass, its forgetting events, and
+      the fraction never predicted right so far;
     - ``<prefix>/time/pass_seconds``: how long EvalGuard's work at that epoch end took.
 
     With several training loaders, ``<name>`` is ``<loader name or index>/<name>``; a metric computing a vector
@@ -109,15 +112,23 @@ class EvalGuard(Callback, _StandaloneCallback):
         decompose: Also run pass B (the modules' own training flags, augmentation off) and pass C (training flags,
             augmentation on, ``trainer.training`` True) over the same batches, and log the effects
             ``train_mode`` = clean - B, ``augmentation`` = B - C, ``weight_drift`` = C - running.
-        guards: ``"raise"``, ``"warn"`` or ``"off"``. Before the first training step, the first clean batch is drawn
-            under two seeds (if they differ, augmentation is still on) and the eval-mode model is run twice on it
-            (if the outputs differ, the first module responsible is named); after every pass, module flags, the
-            trainer's stage and the RNG states must be back.
+        guards: ``"raise"``, ``"warn"`` or ``"off"``: what a guard finding does. Before the first training step
+            nothing may draw random numbers while the first clean batch is picked, produced and brought to the model
+            or in the eval-mode forward (the first that draws is named), and the batch and outputs must be the same
+            under two seeds; during and after every pass, module flags, the trainer's stage and the RNG states must
+            stay and come back. The set-up checks (the first batch through the forward and a clone of each metric)
+            run whatever ``guards`` says.
         print_summary: Print ``summary`` (a rich table when rich is installed) on rank zero at the end of fit.
         cache: Keep the clean batches in memory after the first pass; later passes skip loading and transforms. On a
             CUDA device, without batch-transfer hooks, the batches stay on the device when they take at most half
             of its free memory; otherwise in host memory.
         cache_max_bytes: The most memory the cache may take; a cache estimated above it is refused at fit start.
+        track_samples: Keep per-sample statistics of the clean passes in ``samples`` (margin of the given label,
+            confidence, variability, forgetting, ... by dataset index), written to ``samples.csv`` (and with
+            matplotlib ``data_map.png``) in the first logger's directory at the end of fit.
+        sample_score: ``(preds, target) -> Tensor[B]`` (higher = fits better) replacing the classification margin.
+        sample_ids: ``(batch) -> LongTensor[B]``: the dataset indices of a batch, needed to track the samples of a
+            clean loader EvalGuard did not rebuild.
 
     Raises:
         TypeError: If an argument has the wrong type (the message names it, what was expected and what was given).
@@ -135,6 +146,8 @@ class EvalGuard(Callback, _StandaloneCallback):
             ``"effect/train_mode"``, ``"effect/augmentation"``, ``"effect/weight_drift"`` when decomposing and
             ``"stderr"`` on a subset.
         metric_names: The metric names.
+        samples_path: The ``samples.csv`` written at the end of fit (``track_samples=True``, rank zero), else None.
+        data_map_path: The ``data_map.png`` written beside it (with matplotlib), else None.
 
     Example:
         >>> from lightning.pytorch import Trainer
