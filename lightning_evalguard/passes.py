@@ -54,7 +54,7 @@ from lightning_evalguard.isolation import (
 )
 from lightning_evalguard.metrics import check_fits, flatten_scalars, join_key
 from lightning_evalguard.progress import pass_progress
-from lightning_evalguard.samples import PassOutputs, SampleTracker
+from lightning_evalguard.samples import PassOutputs, SampleTracker, are_probabilities
 from lightning_evalguard.sources import (
     CleanData,
     CleanSource,
@@ -519,10 +519,13 @@ class Passes:
         if outputs is not None:
             tracker, read = self.tracker, 0
             assert tracker is not None
+            kind_of_preds: torch.Tensor | None = None  # probabilities or logits, decided on the first batch (no sync)
 
             def observe(batch: Any, preds: Any, target: Any) -> None:
-                nonlocal read
-                scores, probabilities, predictions = tracker.outputs(preds, target)
+                nonlocal read, kind_of_preds
+                if kind_of_preds is None and tracker.sample_score is None and _class_scores(preds):
+                    kind_of_preds = are_probabilities(preds.float())
+                scores, probabilities, predictions = tracker.outputs(preds, target, kind_of_preds)
                 ids = tracker.ids(batch, source.order, read, scores.shape[0], scores.device)
                 outputs.add(ids, target, scores, probabilities, predictions)
                 read += scores.shape[0]
@@ -596,6 +599,11 @@ class Passes:
         self._metrics[name] = metrics
         metrics.reset()
         return metrics
+
+
+def _class_scores(preds: Any) -> bool:
+    # Whether preds are (B, C) class scores with C > 1 (binary outputs are read as two classes, decided per batch).
+    return isinstance(preds, torch.Tensor) and preds.ndim == 2 and preds.shape[1] > 1
 
 
 def _sampler_generators(loader: Any) -> list[torch.Generator]:

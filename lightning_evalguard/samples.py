@@ -45,7 +45,9 @@ FIELDS = (
 ScoreFn = Callable[[Any, Any], torch.Tensor]
 
 
-def classification_outputs(preds: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def classification_outputs(
+    preds: torch.Tensor, target: torch.Tensor, probabilities: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
     """Margin, probability of the given label and prediction of each sample of a classification batch.
 
     Preds of shape (B, C) are scores over C classes; (B,) or (B, 1) are binary, seen as two classes (logits z as
@@ -56,6 +58,9 @@ def classification_outputs(preds: torch.Tensor, target: torch.Tensor) -> tuple[t
     Args:
         preds: The batch's predictions.
         target: Its integer labels, shape (B,).
+        probabilities: Whether the (B, C) preds are probabilities (a boolean 0-dim tensor from
+            :func:`are_probabilities`), when already decided on a pass's first batch; None decides it from this batch.
+            No host sync either way.
 
     Returns:
         ``(margin, probability, prediction)``, each of shape (B,), in the preds' precision (at least float32).
@@ -79,13 +84,25 @@ def classification_outputs(preds: torch.Tensor, target: torch.Tensor) -> tuple[t
             " per sample (higher = fits better) for other tasks."
         )
     scores = preds if preds.dtype in (torch.float32, torch.float64) else preds.float()
-    low, high = scores.aminmax()
-    rows_are_probabilities = (low >= 0) & (high <= 1) & ((scores.sum(1) - 1).abs().amax() <= 1e-6)
     labels = target.long().unsqueeze(1)
     given = scores.gather(1, labels).squeeze(1)
-    probability = torch.where(rows_are_probabilities, given, (given - scores.logsumexp(1)).exp())
+    flag = are_probabilities(scores) if probabilities is None else probabilities
+    probability = torch.where(flag, given, (given - scores.logsumexp(1)).exp())
     others = scores.scatter(1, labels, float("-inf")).amax(1)
     return given - others, probability, scores.argmax(1)
+
+
+def are_probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """Whether (B, C) scores lie in [0, 1] and sum to 1 per row (then they are used as probabilities), as a tensor.
+
+    Args:
+        scores: The predictions.
+
+    Returns:
+        A boolean 0-dim tensor (no host sync).
+    """
+    low, high = scores.aminmax()
+    return (low >= 0) & (high <= 1) & ((scores.sum(1) - 1).abs().amax() <= 1e-6)
 
 
 class PassOutputs:
@@ -222,6 +239,9 @@ class SampleStats:
 
     def _grow(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # Positions of ``ids`` in the tracked arrays, adding the ids not tracked yet (kept in ascending order).
+        if torch.equal(ids, self.indices):  # the usual case: the same samples as the last pass, in order
+            self.targets = targets.clone()
+            return torch.arange(len(ids))
         new = torch.unique(ids[~torch.isin(ids, self.indices)])
         if new.numel():
             merged = torch.cat([self.indices, new])
@@ -381,12 +401,16 @@ class SampleTracker:
         self.sample_ids = sample_ids
         self.stats: SampleStats | None = None
 
-    def outputs(self, preds: Any, target: Any) -> tuple[torch.Tensor, Any, Any]:
+    def outputs(
+        self, preds: Any, target: Any, probabilities: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Any, Any]:
         """One batch's ``(scores, probabilities or None, predictions or None)``.
 
         Args:
             preds: The batch's predictions.
             target: Its targets.
+            probabilities: Whether classification preds are probabilities, decided once per pass (see
+                :func:`classification_outputs`), or None.
 
         Returns:
             The values, on the model's device.
@@ -396,7 +420,7 @@ class SampleTracker:
                 score is not one value per sample.
         """
         if self.sample_score is None:
-            margin, probability, prediction = classification_outputs(preds, target)
+            margin, probability, prediction = classification_outputs(preds, target, probabilities)
             return margin, probability, prediction
         scores = self.sample_score(preds, target)
         if not isinstance(scores, torch.Tensor) or scores.ndim != 1:
