@@ -54,7 +54,7 @@ from lightning_evalguard.isolation import (
 )
 from lightning_evalguard.metrics import check_fits, flatten_scalars, join_key
 from lightning_evalguard.progress import pass_progress
-from lightning_evalguard.samples import PassOutputs, SampleTracker, are_probabilities
+from lightning_evalguard.samples import SampleTracker
 from lightning_evalguard.sources import (
     CleanData,
     CleanSource,
@@ -364,7 +364,7 @@ class Passes:
                 preds, target = checked_forward(trainer, pl_module, self.forward, model_batch)
                 check_fits(self.template, preds, target, pl_module.device)
                 if self.tracker is not None:
-                    self.tracker.outputs(preds, target)  # fails now for outputs it cannot score
+                    self.tracker.check(preds, target)  # fails now for outputs it cannot score
                 if self.policy.enabled:
                     culprit, drew = self._model_culprit(trainer, pl_module, model_batch)
         if self.policy.enabled:
@@ -514,22 +514,8 @@ class Passes:
                 count = len(cache.batches)
             loader, max_batches = cache.read(source.loader, source.max_batches, placement), None
         description = kind.description + (f" [{source.name}]" if source.name else "")
-        outputs = PassOutputs() if self.tracker is not None and kind is PassKind.CLEAN else None
-        observe = None
-        if outputs is not None:
-            tracker, read = self.tracker, 0
-            assert tracker is not None
-            kind_of_preds: torch.Tensor | None = None  # probabilities or logits, decided on the first batch (no sync)
-
-            def observe(batch: Any, preds: Any, target: Any) -> None:
-                nonlocal read, kind_of_preds
-                if kind_of_preds is None and tracker.sample_score is None and _class_scores(preds):
-                    kind_of_preds = are_probabilities(preds.float())
-                scores, probabilities, predictions = tracker.outputs(preds, target, kind_of_preds)
-                ids = tracker.ids(batch, source.order, read, scores.shape[0], scores.device)
-                outputs.add(ids, target, scores, probabilities, predictions)
-                read += scores.shape[0]
-
+        outputs = self.tracker.start_pass(source.order) if self.tracker and kind is PassKind.CLEAN else None
+        observe = None if outputs is None else outputs.observe
         with pass_progress(trainer, source.num_batches, description) as step:
             batches = run_pass(trainer, pl_module, loader, metrics, self.forward, max_batches, step, count, observe)
         computed: dict[str, torch.Tensor] = {}
@@ -599,11 +585,6 @@ class Passes:
         self._metrics[name] = metrics
         metrics.reset()
         return metrics
-
-
-def _class_scores(preds: Any) -> bool:
-    # Whether preds are (B, C) class scores with C > 1 (binary outputs are read as two classes, decided per batch).
-    return isinstance(preds, torch.Tensor) and preds.ndim == 2 and preds.shape[1] > 1
 
 
 def _sampler_generators(loader: Any) -> list[torch.Generator]:

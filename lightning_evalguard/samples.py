@@ -21,8 +21,10 @@ __all__ = [
     "PassOutputs",
     "SampleStats",
     "SampleTracker",
+    "are_probabilities",
     "classification_outputs",
     "draw_data_map",
+    "is_classification",
     "read_csv",
     "suspects_of",
     "summary_line",
@@ -52,15 +54,15 @@ def classification_outputs(
 
     Preds of shape (B, C) are scores over C classes; (B,) or (B, 1) are binary, seen as two classes (logits z as
     (-z/2, z/2), probabilities p as (1 - p, p)). Probabilities are ``softmax(preds)`` unless the preds already lie in
-    [0, 1] and sum to 1 per row (torchmetrics' rule). The margin is the score of the given label minus the largest
-    other score (for binary logits: z when the label is 1, -z when it is 0). Nothing here syncs with the host.
+    [0, 1] (and, for C > 1, sum to 1 per row: torchmetrics' rule). The margin is the score of the given label minus
+    the largest other score (for binary logits: z when the label is 1, -z when it is 0). Nothing here syncs with the
+    host.
 
     Args:
         preds: The batch's predictions.
         target: Its integer labels, shape (B,).
-        probabilities: Whether the (B, C) preds are probabilities (a boolean 0-dim tensor from
-            :func:`are_probabilities`), when already decided on a pass's first batch; None decides it from this batch.
-            No host sync either way.
+        probabilities: Whether the preds are probabilities (a boolean 0-dim tensor from :func:`are_probabilities`),
+            when already decided on a pass's first batch; None decides it from this batch. No host sync either way.
 
     Returns:
         ``(margin, probability, prediction)``, each of shape (B,), in the preds' precision (at least float32).
@@ -68,71 +70,166 @@ def classification_outputs(
     Raises:
         ValueError: If the shapes are not those of a classification batch.
     """
-    if preds.ndim == 2 and preds.shape[1] == 1:
-        preds = preds[:, 0]
-    if preds.ndim == 1:
-        scores = preds.double()
-        probability_like = ((scores >= 0) & (scores <= 1)).all()
-        preds = torch.where(
-            probability_like, torch.stack([1 - scores, scores], 1), torch.stack([-scores, scores], 1) / 2
-        )
-    if preds.ndim != 2 or target.ndim != 1 or preds.shape[0] != target.shape[0] or target.is_floating_point():
+    if not is_classification(preds, target):
+        shape = tuple(preds.shape) if isinstance(preds, torch.Tensor) else type(preds).__name__
+        target_shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+        dtype = f" and dtype {target.dtype}" if isinstance(target, torch.Tensor) else ""
         raise ValueError(
             "EvalGuard(track_samples=True) computes margins from classification outputs: preds of shape (B, C), (B,)"
-            f" or (B, 1) and integer targets of shape (B,); got preds of shape {tuple(preds.shape)} and target of"
-            f" shape {tuple(target.shape)} and dtype {target.dtype}. Pass `sample_score=` (preds, target) -> a score"
-            " per sample (higher = fits better) for other tasks."
+            f" or (B, 1) and integer targets of shape (B,); got preds of shape {shape} and target of shape"
+            f" {target_shape}{dtype}. Pass `sample_score=` (preds, target) -> a score per sample (higher = fits"
+            " better) for other tasks."
         )
-    scores = preds if preds.dtype in (torch.float32, torch.float64) else preds.float()
+    scores = preds[:, 0] if preds.ndim == 2 and preds.shape[1] == 1 else preds
+    scores = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
+    flag = are_probabilities(scores) if probabilities is None else probabilities
+    if scores.ndim == 1:  # binary: two classes
+        scores = torch.where(flag, torch.stack([1 - scores, scores], 1), torch.stack([-scores, scores], 1) / 2)
     labels = target.long().unsqueeze(1)
     given = scores.gather(1, labels).squeeze(1)
-    flag = are_probabilities(scores) if probabilities is None else probabilities
     probability = torch.where(flag, given, (given - scores.logsumexp(1)).exp())
     others = scores.scatter(1, labels, float("-inf")).amax(1)
     return given - others, probability, scores.argmax(1)
 
 
-def are_probabilities(scores: torch.Tensor) -> torch.Tensor:
-    """Whether (B, C) scores lie in [0, 1] and sum to 1 per row (then they are used as probabilities), as a tensor.
+def is_classification(preds: Any, target: Any) -> bool:
+    """Whether ``(preds, target)`` are classification outputs: preds (B, C), (B,) or (B, 1), integer labels (B,).
 
     Args:
-        scores: The predictions.
+        preds: The predictions.
+        target: The targets.
+
+    Returns:
+        Whether :func:`classification_outputs` reads them (shapes and dtypes only: no host sync).
+    """
+    return (
+        isinstance(preds, torch.Tensor)
+        and isinstance(target, torch.Tensor)
+        and preds.ndim in (1, 2)
+        and (preds.ndim == 1 or preds.shape[1] > 0)
+        and target.ndim == 1
+        and target.shape[0] == preds.shape[0]
+        and not target.is_floating_point()
+        and not target.is_complex()
+    )
+
+
+def are_probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """Whether scores are probabilities: in [0, 1], and for (B, C) scores summing to 1 per row (torchmetrics' rule).
+
+    Args:
+        scores: The predictions, (B,) binary or (B, C).
 
     Returns:
         A boolean 0-dim tensor (no host sync).
     """
+    scores = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
+    if not scores.numel():  # an empty batch decides nothing
+        return torch.zeros((), dtype=torch.bool, device=scores.device)
     low, high = scores.aminmax()
-    return (low >= 0) & (high <= 1) & ((scores.sum(1) - 1).abs().amax() <= 1e-6)
+    inside = (low >= 0) & (high <= 1)
+    if scores.ndim == 1 or scores.shape[1] == 1:
+        return inside
+    return inside & ((scores.sum(1) - 1).abs().amax() <= 1e-6)
+
+
+#: Classification outputs are copied into chunks of at most this many bytes (or one batch) on the model's device;
+#: a chunk's margins, probabilities and predictions are computed at once when it is full or the pass ends.
+CHUNK_BYTES = 8 * 2**20
 
 
 class PassOutputs:
     """The per-sample values of one clean pass, gathered batch by batch on the model's device.
 
-    Attributes:
-        ids: Dataset indices, in pass order.
-        targets: The given labels (-1 when not integers).
-        scores: Margins, or ``sample_score`` values.
-        probabilities: Probability of the given label (NaN with ``sample_score``).
-        predictions: Predicted labels (-1 with ``sample_score``).
+    Per batch, classification outputs cost one copy into a chunk (a dozen small tensor operations per batch would
+    cost more than the copy on a cheap model); ``sample_score`` is called per batch. Nothing syncs with the host
+    before :meth:`to_host`.
     """
 
-    def __init__(self) -> None:
-        self._parts: list[tuple[Any, ...]] = []
-
-    def add(self, ids: torch.Tensor, target: Any, scores: torch.Tensor, probabilities: Any, predictions: Any) -> None:
-        """Keep one batch's values as they are (no copy, no host sync); :meth:`to_host` converts them once.
+    def __init__(
+        self, tracker: SampleTracker, order: Sequence[int] | None = None, chunk_bytes: int = CHUNK_BYTES
+    ) -> None:
+        """Start a pass.
 
         Args:
-            ids: The batch's dataset indices.
-            target: Its labels.
-            scores: One score per sample.
-            probabilities: One probability per sample, or None.
-            predictions: One predicted label per sample, or None.
+            tracker: How to score and identify the samples.
+            order: The dataset indices the rebuilt loader reads, in order (ids when there is no ``sample_ids``).
+            chunk_bytes: The most bytes of classification outputs kept before their values are computed (at least
+                one batch).
         """
-        labels = (
-            target if isinstance(target, torch.Tensor) and target.ndim == 1 and not target.is_floating_point() else None
-        )
-        self._parts.append((ids, labels, scores.detach(), probabilities, predictions, scores.shape[0]))
+        self._tracker = tracker
+        self._chunk_bytes = chunk_bytes
+        self._order = order
+        self._read = 0
+        self._ids: list[torch.Tensor] = []
+        # Per part: labels (or None), scores, probabilities (or None), predictions (or None), count.
+        self._parts: list[tuple[Any, ...]] = []
+        self._chunk: torch.Tensor | None = None
+        self._chunk_targets: torch.Tensor | None = None
+        self._filled = 0
+        self._probabilities: torch.Tensor | None = None  # decided on the pass's first batch
+
+    def observe(self, batch: Any, preds: Any, target: Any) -> None:
+        """Keep one batch's values (no host sync).
+
+        Args:
+            batch: The batch as it reached the model (for ``sample_ids``).
+            preds: Its predictions.
+            target: Its targets.
+
+        Raises:
+            ValueError: If the outputs are not classification outputs and no ``sample_score`` was given, the score
+                is not one value per sample, or ``sample_ids`` does not give one id per sample.
+        """
+        if self._tracker.sample_score is not None:
+            scores = self._tracker.score(preds, target)
+            count = int(scores.shape[0])
+            self._parts.append((_labels(target), scores.detach(), None, None, count))
+        else:
+            count = self._copy(preds, target)
+        if self._tracker.sample_ids is not None:
+            self._ids.append(self._tracker.batch_ids(batch, count))
+        self._read += count
+
+    def _copy(self, preds: Any, target: Any) -> int:
+        if not is_classification(preds, target):
+            classification_outputs(preds, target)  # raises, naming the shapes
+        scores = preds[:, 0] if preds.ndim == 2 and preds.shape[1] == 1 else preds
+        count = int(scores.shape[0])
+        if not count:
+            return 0
+        if self._probabilities is None:
+            self._probabilities = are_probabilities(scores)
+        chunk, targets = self._chunk, self._chunk_targets
+        if (
+            chunk is None
+            or targets is None
+            or chunk.shape[1:] != scores.shape[1:]
+            or chunk.dtype != scores.dtype
+            or chunk.device != scores.device
+            or targets.dtype != target.dtype
+            or targets.device != target.device
+            or self._filled + count > chunk.shape[0]
+        ):
+            self._flush()
+            row_bytes = max(scores[:1].numel() * scores.element_size(), 1)
+            rows = max(count, self._chunk_bytes // row_bytes)
+            if self._order is not None:  # no more rows than the pass has left to read
+                rows = max(count, min(rows, len(self._order) - self._read))
+            chunk = self._chunk = scores.new_empty((rows, *scores.shape[1:]))
+            targets = self._chunk_targets = target.new_empty(rows)
+        # A copy, not a reference: a forward may reuse its output buffer for the next batch (CUDA graphs).
+        chunk[self._filled : self._filled + count].copy_(scores.detach())
+        targets[self._filled : self._filled + count].copy_(target)
+        self._filled += count
+        return count
+
+    def _flush(self) -> None:
+        if self._filled and self._chunk is not None and self._chunk_targets is not None:
+            scores, targets = self._chunk[: self._filled], self._chunk_targets[: self._filled]
+            margin, probability, prediction = classification_outputs(scores, targets, self._probabilities)
+            self._parts.append((targets, margin, probability, prediction, self._filled))
+        self._chunk, self._chunk_targets, self._filled = None, None, 0
 
     def to_host(self) -> tuple[torch.Tensor, ...]:
         """All batches' values, concatenated, converted and moved to the host once.
@@ -141,26 +238,41 @@ class PassOutputs:
             ``(ids, targets, scores, probabilities, predictions)`` on the CPU: int64, int64, float64, float64, int64
             (-1 or NaN where a batch had no such value; empty when the pass had no batch).
         """
+        self._flush()
         if not self._parts:
             empty = torch.empty(0, dtype=torch.long)
             return empty, empty, torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64), empty
 
         def column(position: int, dtype: torch.dtype, fill: float) -> torch.Tensor:
+            device = self._parts[0][1].device
+            on_device = torch.float32 if device.type == "mps" and dtype == torch.float64 else dtype  # no MPS float64
             values = [
-                part[position].reshape(-1).to(dtype)
+                part[position].reshape(-1).to(on_device)
                 if part[position] is not None
-                else torch.full((part[5],), fill, dtype=dtype, device=part[2].device)
+                else torch.full((part[4],), fill, dtype=on_device, device=part[1].device)
                 for part in self._parts
             ]
-            return torch.cat(values).cpu()
+            return (values[0] if len(values) == 1 else torch.cat(values)).cpu().to(dtype)
 
+        if self._tracker.sample_ids is not None:
+            ids = (self._ids[0] if len(self._ids) == 1 else torch.cat([part.reshape(-1) for part in self._ids])).cpu()
+        else:
+            assert self._order is not None
+            ids = torch.as_tensor(self._order[: self._read], dtype=torch.long)
         return (
+            ids.reshape(-1).to(torch.long),
             column(0, torch.long, -1),
-            column(1, torch.long, -1),
+            column(1, torch.float64, math.nan),
             column(2, torch.float64, math.nan),
-            column(3, torch.float64, math.nan),
-            column(4, torch.long, -1),
+            column(3, torch.long, -1),
         )
+
+
+def _labels(target: Any) -> torch.Tensor | None:
+    # The given labels when the targets are integer labels, one per sample; else None (-1 in the statistics).
+    if isinstance(target, torch.Tensor) and target.ndim == 1 and not target.is_floating_point():
+        return target
+    return None
 
 
 class SampleStats:
@@ -401,27 +513,47 @@ class SampleTracker:
         self.sample_ids = sample_ids
         self.stats: SampleStats | None = None
 
-    def outputs(
-        self, preds: Any, target: Any, probabilities: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, Any, Any]:
-        """One batch's ``(scores, probabilities or None, predictions or None)``.
+    def start_pass(self, order: Sequence[int] | None) -> PassOutputs:
+        """Start collecting one clean pass's values.
+
+        Args:
+            order: The dataset indices the rebuilt loader reads, in order, or None (then ``sample_ids`` gives them).
+
+        Returns:
+            The pass's collector: call its ``observe`` per batch and its ``to_host`` at the end.
+        """
+        return PassOutputs(self, order)
+
+    def check(self, preds: Any, target: Any) -> None:
+        """Fail now for outputs the tracker cannot score (at fit start, on the first clean batch).
 
         Args:
             preds: The batch's predictions.
             target: Its targets.
-            probabilities: Whether classification preds are probabilities, decided once per pass (see
-                :func:`classification_outputs`), or None.
-
-        Returns:
-            The values, on the model's device.
 
         Raises:
             ValueError: If the outputs are not classification outputs and no ``sample_score`` was given, or the
                 score is not one value per sample.
         """
         if self.sample_score is None:
-            margin, probability, prediction = classification_outputs(preds, target, probabilities)
-            return margin, probability, prediction
+            classification_outputs(preds, target)
+        else:
+            self.score(preds, target)
+
+    def score(self, preds: Any, target: Any) -> torch.Tensor:
+        """The ``sample_score`` of one batch, checked.
+
+        Args:
+            preds: The batch's predictions.
+            target: Its targets.
+
+        Returns:
+            One score per sample, shape (B,).
+
+        Raises:
+            ValueError: If the score is not a 1-D tensor.
+        """
+        assert self.sample_score is not None
         scores = self.sample_score(preds, target)
         if not isinstance(scores, torch.Tensor) or scores.ndim != 1:
             raise ValueError(
@@ -429,36 +561,28 @@ class SampleTracker:
                 + (f"shape {tuple(scores.shape)}" if isinstance(scores, torch.Tensor) else type(scores).__name__)
                 + "."
             )
-        return scores, None, None
+        return scores
 
-    def ids(
-        self, batch: Any, positions: Sequence[int] | None, start: int, count: int, device: torch.device
-    ) -> torch.Tensor:
-        """The dataset indices of a batch: from ``sample_ids``, else from the loader's order.
+    def batch_ids(self, batch: Any, count: int) -> torch.Tensor:
+        """The dataset indices of a batch from ``sample_ids``, checked.
 
         Args:
             batch: The batch as it reaches the model.
-            positions: The dataset indices the rebuilt loader reads, in order, or None.
-            start: How many samples the pass read before this batch.
             count: The batch's number of samples.
-            device: The batch's device (ids from ``sample_ids`` stay where they are; the loader's order on the host).
 
         Returns:
-            A LongTensor of shape (count,).
+            A LongTensor of shape (count,), where ``sample_ids`` left it.
 
         Raises:
             ValueError: If ``sample_ids`` returned something else.
         """
-        if self.sample_ids is not None:
-            ids = self.sample_ids(batch)
-            if not isinstance(ids, torch.Tensor) or ids.ndim != 1 or ids.shape[0] != count:
-                raise ValueError(
-                    f"EvalGuard's `sample_ids` must return a LongTensor of shape ({count},), one id per sample."
-                )
-            return ids
-        assert positions is not None
-        # Kept on the host, where the loader's order is: a copy to the device per batch would wait for the device.
-        return torch.as_tensor(positions[start : start + count], dtype=torch.long)
+        assert self.sample_ids is not None
+        ids = self.sample_ids(batch)
+        if not isinstance(ids, torch.Tensor) or ids.ndim != 1 or ids.shape[0] != count:
+            raise ValueError(
+                f"EvalGuard's `sample_ids` must return a LongTensor of shape ({count},), one id per sample."
+            )
+        return ids
 
     def fold(self, epoch: int, gathered: Sequence[tuple[torch.Tensor, ...]]) -> dict[str, float]:
         """Add one pass's values, from every rank, to the statistics.

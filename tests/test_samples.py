@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_evalguard import EvalGuard
-from lightning_evalguard.samples import SampleStats, classification_outputs
+from lightning_evalguard.samples import PassOutputs, SampleStats, SampleTracker, classification_outputs
 
 from helpers import (
     Classifier,
@@ -165,6 +165,54 @@ def test_binary_and_probability_outputs_are_read_as_two_classes():
     probabilities = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
     margin, probability, _ = classification_outputs(probabilities, torch.tensor([0, 0]))
     assert margin.tolist() == pytest.approx([0.5, -0.7]) and probability.tolist() == pytest.approx([0.7, 0.1])
+
+
+def test_outputs_kept_in_chunks_equal_those_computed_batch_by_batch():
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(count, 5, generator=generator) for count in (3, 4, 0, 2, 5)]
+    batches[3] = batches[3].double()  # a dtype change starts a new chunk
+    labels = [torch.randint(0, 5, (len(batch),), generator=generator) for batch in batches]
+    outputs = PassOutputs(SampleTracker(None, None), order=list(range(100, 114)), chunk_bytes=8 * 5 * 4)  # 8 rows
+    for preds, target in zip(batches, labels, strict=True):
+        outputs.observe(None, preds, target)
+    ids, targets, scores, probabilities, predictions = outputs.to_host()
+    expected = [classification_outputs(preds, target) for preds, target in zip(batches, labels, strict=True)]
+    assert ids.tolist() == list(range(100, 114)) and targets.tolist() == torch.cat(labels).tolist()
+    assert scores.tolist() == pytest.approx(torch.cat([e[0].double() for e in expected]).tolist(), rel=1e-6)
+    assert probabilities.tolist() == pytest.approx(torch.cat([e[1].double() for e in expected]).tolist(), rel=1e-6)
+    assert predictions.tolist() == torch.cat([e[2] for e in expected]).tolist()
+
+
+def test_the_pass_first_batch_decides_probabilities_or_logits():
+    outputs = PassOutputs(SampleTracker(None, None), order=list(range(4)))
+    outputs.observe(None, torch.tensor([2.0, -1.0]), torch.tensor([1, 0]))  # binary logits
+    outputs.observe(None, torch.tensor([0.5, 0.25]), torch.tensor([1, 0]))  # in [0, 1], but logits like the first
+    _, _, margins, probabilities, _ = outputs.to_host()
+    sigmoid = [1 / (1 + math.exp(-z)) for z in (2.0, 1.0, 0.5, -0.25)]  # of the given label's logit
+    assert probabilities.tolist() == pytest.approx(sigmoid)
+    assert margins.tolist() == pytest.approx([2.0, 1.0, 0.5, -0.25])
+
+
+def test_a_forward_that_reuses_its_output_buffer_is_measured_batch_by_batch(tmp_path):
+    x, y = make_tensors(40)
+    buffers: dict[int, torch.Tensor] = {}
+
+    def reusing(module: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = module(batch[0])  # like a CUDA graph: every batch's output is written into the same tensor
+        buffer = buffers.setdefault(logits.shape[0], torch.empty_like(logits))
+        return buffer.copy_(logits), batch[1]
+
+    stats = []
+    for forward in (None, reusing):
+        guard = EvalGuard(
+            {"acc": micro_accuracy()}, eval_transform=nn.Identity(), track_samples=True, batch_size=8, forward=forward
+        )
+        pl.seed_everything(3)
+        trainer(tmp_path, max_epochs=2, callbacks=[guard]).fit(Classifier("linear"), loader(TensorData(x, y)))
+        assert guard.samples is not None
+        stats.append(guard.samples.to_dict())
+    for name, value in stats[0].items():
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(stats[1][name])), name
 
 
 def test_statistics_memory_stays_under_64_bytes_per_sample():
