@@ -28,18 +28,24 @@ def on_before_batch_transfer(pl_module: pl.LightningModule, batch: Any) -> Any:
 
 
 class LoggedFlags(NamedTuple):
-    """How a key was logged: the hook (``fx``) and the ``on_step``/``on_epoch`` flags."""
+    """How a key was logged: the hook (``fx``), the ``on_step``/``on_epoch`` flags, and whether as a plain value.
+
+    ``is_tensor`` is True for a tensor or number, which Lightning averages over the epoch's batches (weighted by
+    batch size), False for a torchmetrics ``Metric`` object, whose own ``compute()`` Lightning calls at epoch end.
+    """
 
     fx: str
     on_step: bool
     on_epoch: bool
+    is_tensor: bool | None = None
 
 
 def logged_flags(trainer: pl.Trainer) -> dict[str, LoggedFlags]:
     """How each key of the running stage was logged, read from the trainer's private result collection.
 
     Public API exposes only the values (``trainer.callback_metrics``), not whether a key holds an epoch aggregate
-    or the last batch's value. Used for a warning only: if the internals move, this returns ``{}`` and the warning
+    or the last batch's value, nor whether it was logged as a ``Metric`` or as a value Lightning averages over
+    batches. Used for warnings only: if the internals move, this returns ``{}`` and the warning
     is not given, and ``tests/test_lightning_private.py`` fails.
 
     Args:
@@ -55,7 +61,10 @@ def logged_flags(trainer: pl.Trainer) -> dict[str, LoggedFlags]:
     try:
         for result in results.values():
             meta = result.meta
-            flags[meta.name] = LoggedFlags(str(meta.fx), bool(meta.on_step), bool(meta.on_epoch))
+            is_tensor = getattr(result, "is_tensor", None)
+            flags[meta.name] = LoggedFlags(
+                str(meta.fx), bool(meta.on_step), bool(meta.on_epoch), None if is_tensor is None else bool(is_tensor)
+            )
     except AttributeError:
         return {}
     return flags

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from torch.utils.data import DataLoader
@@ -75,15 +75,21 @@ def check_every_n_epochs(value: Any) -> int:
     return check_positive_int("every_n_epochs", value)
 
 
-def check_limit_batches(value: Any) -> int | float | None:
-    """Check ``limit_batches``: None, an int >= 1 (batches) or a float in (0, 1] (fraction of samples).
+def check_limit_batches(value: Any) -> int | float | str | None:
+    """Check ``limit_batches``: None, an int >= 1 (batches), a float in (0, 1] (fraction of samples) or ``"auto"``.
 
     Raises:
-        TypeError: If it is neither None, an int nor a float.
-        ValueError: If the int is < 1 or the float is outside (0, 1].
+        TypeError: If it is neither None, an int, a float nor ``"auto"``.
+        ValueError: If the int is < 1, the float is outside (0, 1], or the string is not ``"auto"``.
     """
     if value is None:
         return None
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(
+                f"`limit_batches` as a string must be 'auto' (a subset sized to `target_stderr`) (got {value!r})."
+            )
+        return value
     if _is_int(value):
         if value < 1:
             raise ValueError(
@@ -99,8 +105,51 @@ def check_limit_batches(value: Any) -> int | float | None:
             )
         return value
     raise TypeError(
-        f"`limit_batches` must be None, an int >= 1 (a number of batches) or a float in (0, 1] ({_got(value)})."
+        f"`limit_batches` must be None, an int >= 1 (a number of batches), a float in (0, 1] or 'auto' ({_got(value)})."
     )
+
+
+#: ``target_stderr``'s default.
+DEFAULT_TARGET_STDERR = 0.005
+
+
+def check_target_stderr(value: Any, limit_batches: Any, accuracies: Sequence[str], cache: bool) -> float:
+    """Check ``target_stderr`` (a float in (0, 0.5)) and what ``limit_batches="auto"`` needs.
+
+    Raises:
+        TypeError: If it is not a float.
+        ValueError: If it is outside (0, 0.5); if it was changed without ``limit_batches="auto"``; if
+            ``limit_batches="auto"`` comes with no micro-averaged accuracy to size the subset for, or with
+            ``cache=True`` (the subset changes from pass to pass).
+    """
+    if not isinstance(value, float):
+        raise TypeError(
+            f"`target_stderr` must be a float in (0, 0.5), a standard error of an accuracy ({_got(value)})."
+        )
+    if not 0.0 < value < 0.5:
+        raise ValueError(
+            f"`target_stderr` must be in (0, 0.5): a standard error of an accuracy, e.g. 0.005 for half a point (got"
+            f" {value})."
+        )
+    if limit_batches != "auto":
+        if value != DEFAULT_TARGET_STDERR:
+            raise ValueError(
+                f"`target_stderr={value}` sizes the subset only with limit_batches='auto' (got limit_batches="
+                f"{limit_batches!r}). Pass limit_batches='auto', or leave `target_stderr` out."
+            )
+        return value
+    if not accuracies:
+        raise ValueError(
+            "limit_batches='auto' sizes the subset so that the standard error of each micro-averaged accuracy is at"
+            " most `target_stderr`, but `metrics` holds none (BinaryAccuracy, MulticlassAccuracy(average='micro'),"
+            " Accuracy(task=...)). Add one, or pass a fixed `limit_batches` (a fraction or a number of batches)."
+        )
+    if cache:
+        raise ValueError(
+            "limit_batches='auto' changes the subset from pass to pass, so `cache=True` has no fixed batches to"
+            " keep. Pass a fixed `limit_batches` with cache=True, or leave `cache` out."
+        )
+    return value
 
 
 def check_batch_size(value: Any) -> int | None:

@@ -22,11 +22,12 @@ from lightning_evalguard.errors import EvalGuardError, EvalGuardWarning, add_not
 from lightning_evalguard.forward import ForwardFn, default_forward
 from lightning_evalguard.guards import GuardPolicy, snapshot, state_changes
 from lightning_evalguard.isolation import isolated_rng
-from lightning_evalguard.metrics import collection_keys, join_key, micro_accuracy_names
+from lightning_evalguard.metrics import MetricInfo, collection_keys, join_key, metric_infos, micro_accuracy_names
 from lightning_evalguard.passes import Measured, Passes, PassKind, check_decomposable, check_trackable
 from lightning_evalguard.reference import References
 from lightning_evalguard.results import Decomposition, Subset, history_entry, result_groups, standard_errors
 from lightning_evalguard.samples import SampleStats, SampleTracker, draw_data_map, summary_line
+from lightning_evalguard.sampling import AutoSubset
 from lightning_evalguard.sources import CleanData, SourceOptions
 from lightning_evalguard.summary import (
     add_image,
@@ -66,8 +67,10 @@ class EvalGuard(Callback, _StandaloneCallback):
     - ``<prefix>/generalization/<name>``: clean - validation, for epochs where validation ran;
     - ``<prefix>/effect/train_mode/<name>``, ``<prefix>/effect/augmentation/<name>``,
       ``<prefix>/effect/weight_drift/<name>``: with ``decompose=True``, the gap's three causes (they add up to it);
-    - ``<prefix>/stderr/<name>``: for micro-averaged accuracies on a ``limit_batches`` subset of n samples,
-      sqrt(p (1 - p) / n);
+    - ``<prefix>/stderr/<name>``: on a random ``limit_batches`` subset of n of N samples, the clean value's standard
+      error: sqrt(p (1 - p) / n * (N - n) / (N - 1)) for micro-averaged accuracies, s / sqrt(n) * sqrt((N - n) /
+      (N - 1)) for ``MeanSquaredError`` and ``MeanAbsoluteError`` (s: the per-sample errors' standard deviation);
+      with it ``<prefix>/clean_low/<name>`` and ``<prefix>/clean_high/<name>``, clean -/+ 2 standard errors;
     - ``<prefix>/samples/learned``, ``<prefix>/samples/forgotten``, ``<prefix>/samples/never_learned``: with
       ``track_samples=True``, the fraction of tracked samples predicted right in the pass, its forgetting events, and
       the fraction never predicted right so far;
@@ -102,7 +105,10 @@ class EvalGuard(Callback, _StandaloneCallback):
         every_n_epochs: Run the pass after epochs where ``(current_epoch + 1) % every_n_epochs == 0``.
         limit_batches: Evaluate a fixed random subset, drawn once from ``seed``: a float in (0, 1] is a fraction of
             the samples, an int a number of clean-pass batches. With ``dataloader=`` or the hook, the loader's
-            first batches are taken instead. None evaluates everything.
+            first batches are taken instead. None evaluates everything. ``"auto"`` sizes the subset before every
+            pass so that each micro-averaged accuracy's standard error is at most ``target_stderr`` (drawn without
+            replacement: n = n0 / (1 + (n0 - 1) / N), n0 = p (1 - p) / target_stderr**2, p = 0.5 at the first pass,
+            then the last pass's value); every subset is a prefix of one permutation drawn from ``seed``.
         batch_size: The clean-pass batch size of a rebuilt loader; default: the training loader's.
         prefix: The first part of every logged key.
         seed: Seeds the subset draw, the clean loader's own generator, and the RNG state every pass starts from
@@ -129,6 +135,8 @@ class EvalGuard(Callback, _StandaloneCallback):
         sample_score: ``(preds, target) -> Tensor[B]`` (higher = fits better) replacing the classification margin.
         sample_ids: ``(batch) -> LongTensor[B]``: the dataset indices of a batch, needed to track the samples of a
             clean loader EvalGuard did not rebuild.
+        target_stderr: With ``limit_batches="auto"``, the standard error of each micro-averaged accuracy to reach:
+            a float in (0, 0.5); 0.005 is half a point.
 
     Raises:
         TypeError: If an argument has the wrong type (the message names it, what was expected and what was given).
@@ -144,7 +152,8 @@ class EvalGuard(Callback, _StandaloneCallback):
         history: One dict per evaluated epoch: ``{"epoch", "step", "clean": {name: float}, "running": {...},
             "gap": {...}, "validation": {...}, "generalization": {...}, "time": {"pass_seconds": float}}``, plus
             ``"effect/train_mode"``, ``"effect/augmentation"``, ``"effect/weight_drift"`` when decomposing and
-            ``"stderr"`` on a subset.
+            ``"stderr"``, ``"clean_low"``, ``"clean_high"`` on a random subset, and with ``limit_batches`` over a
+            rebuilt loader ``"n"``: the samples evaluated (a dict by loader name with several loaders).
         metric_names: The metric names.
         samples_path: The ``samples.csv`` written at the end of fit (``track_samples=True``, rank zero), else None.
         data_map_path: The ``data_map.png`` written beside it (with matplotlib), else None.
@@ -171,7 +180,7 @@ class EvalGuard(Callback, _StandaloneCallback):
         running: Union[Mapping[str, str], None] = None,
         forward: Union[ForwardFn, None] = None,
         every_n_epochs: int = 1,
-        limit_batches: Union[int, float, None] = None,
+        limit_batches: Union[int, float, Literal["auto"], None] = None,
         batch_size: Union[int, None] = None,
         prefix: str = "evalguard",
         seed: int = 0,
@@ -184,6 +193,7 @@ class EvalGuard(Callback, _StandaloneCallback):
         track_samples: bool = False,
         sample_score: Union[Callable[[Any, Any], Any], None] = None,
         sample_ids: Union[Callable[[Any], Any], None] = None,
+        target_stderr: float = 0.005,
     ) -> None:
         super().__init__()
         template = arguments.check_metrics(metrics)
@@ -207,12 +217,16 @@ class EvalGuard(Callback, _StandaloneCallback):
         self.track_samples = arguments.check_bool("track_samples", track_samples)
         self.sample_score = arguments.check_callable("sample_score", sample_score, "(preds, target) -> Tensor[B]")
         self.sample_ids = arguments.check_callable("sample_ids", sample_ids, "(batch) -> LongTensor[B]")
+        self.target_stderr = arguments.check_target_stderr(
+            target_stderr, self.limit_batches, micro_accuracy_names(template), self.cache
+        )
         self.samples_path: Path | None = None
         self.data_map_path: Path | None = None
 
         self.history: list[dict[str, Any]] = []
         self._warned: set[str] = set()
         self._accuracies = micro_accuracy_names(template)
+        self._infos: dict[str, MetricInfo] = metric_infos(template)  # by logged name once the sources are known
         self._policy = GuardPolicy(self.guards, self._warn_once)
         self._tracker = SampleTracker(self.sample_score, self.sample_ids) if self.track_samples else None
         self._passes = Passes(template, self.forward, self.seed, self._policy, self._warn_once, self._tracker)
@@ -225,6 +239,7 @@ class EvalGuard(Callback, _StandaloneCallback):
             seed=self.seed,
             decompose=self.decompose,
             cache_max_bytes=self.cache_max_bytes if self.cache else None,
+            target_stderr=self.target_stderr,
         )
         self._data = CleanData(options, self._warn_once)
         self._references = References({**collection_keys(metrics), **(self.running or {})}, self.val)
@@ -271,8 +286,18 @@ class EvalGuard(Callback, _StandaloneCallback):
             if self.cache:
                 self._passes.size_caches(trainer, pl_module, self._data)
         names = [join_key(source.name, name) for source in sources for name in self.metric_names]
+        infos = metric_infos(self._passes.template)
+        self._infos = {join_key(source.name, name): infos[name] for source in sources for name in infos}
         validation_keys = {name: self._references.validation_candidates(name) for name in names}
-        write_tensorboard_layout(trainer, tensorboard_layout(self.prefix, names, validation_keys, self.decompose))
+        bands = [
+            join_key(source.name, name)
+            for source in sources
+            if source.sampled
+            for name, info in infos.items()
+            if info.stderr is not None
+        ]
+        layout = tensorboard_layout(self.prefix, names, validation_keys, self.decompose, bands)
+        write_tensorboard_layout(trainer, layout)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -354,6 +379,8 @@ class EvalGuard(Callback, _StandaloneCallback):
     def state_dict(self) -> dict[str, Any]:
         subsets = {key: list(indices) for key, indices in self._data.subsets.items()}
         state: dict[str, Any] = {"history": copy.deepcopy(self.history), "subsets": subsets}
+        if self._data.autos:
+            state["auto_subsets"] = {key: auto.state_dict() for key, auto in self._data.autos.items()}
         if self.samples is not None:
             state["samples"] = self.samples.state_dict()
         return state
@@ -363,6 +390,8 @@ class EvalGuard(Callback, _StandaloneCallback):
         self.history = copy.deepcopy(list(state_dict.get("history", [])))
         subsets = dict(state_dict.get("subsets", {}))
         self._data.subsets = {str(key): [int(index) for index in indices] for key, indices in subsets.items()}
+        autos = dict(state_dict.get("auto_subsets", {}))
+        self._data.autos = {str(key): AutoSubset.from_state_dict(auto) for key, auto in autos.items()}
         if self._tracker is not None and "samples" in state_dict:
             self._tracker.stats = SampleStats.from_state_dict(state_dict["samples"])
 
@@ -396,7 +425,10 @@ class EvalGuard(Callback, _StandaloneCallback):
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, measured: Measured, pass_seconds: float) -> None:
         clean = measured[PassKind.CLEAN]
-        running = self._references.running_values(trainer, clean, self._warn_once, trained=self._trained_batches > 0)
+        non_decomposable = {name for name, info in self._infos.items() if info.decomposable is False}
+        running = self._references.running_values(
+            trainer, clean, self._warn_once, trained=self._trained_batches > 0, non_decomposable=non_decomposable
+        )
         validated = self._validated_epoch == trainer.current_epoch  # validation values only when it ran this epoch
         validation = self._references.validation_values(trainer, clean) if validated else {}
         decomposition = None
@@ -404,8 +436,12 @@ class EvalGuard(Callback, _StandaloneCallback):
             decomposition = Decomposition(measured[PassKind.TRAIN_MODE], measured[PassKind.AUGMENTED])
         stderr = {}
         if self.limit_batches is not None:
-            subsets = [Subset(source.name, source.total_samples, source.sampled) for source in self._data.sources or []]
-            stderr = standard_errors(clean, self._accuracies, subsets)
+            subsets = [
+                Subset(source.name, source.total_samples, source.sampled, source.population)
+                for source in self._data.sources or []
+            ]
+            stderr = standard_errors(clean, self._accuracies, subsets, self._passes.moments)
+            self._data.record_pass(clean, self._accuracies)  # sizes the next "auto" subset
         groups = result_groups(clean, running, validation, decomposition, stderr)
         if self._tracker is not None and self._passes.samples_logged:
             groups["samples"] = dict(self._passes.samples_logged)
@@ -416,13 +452,18 @@ class EvalGuard(Callback, _StandaloneCallback):
         for group, values in groups.items():
             for name, value in values.items():
                 pl_module.log(join_key(self.prefix, group, name), value, on_step=False, on_epoch=True, sync_dist=sync)
-        self.history.append(history_entry(trainer.current_epoch, trainer.global_step, groups, validation))
+        entry = history_entry(trainer.current_epoch, trainer.global_step, groups, validation)
+        if self.limit_batches is not None:  # how many samples the clean values were measured on
+            sizes = {source.name: source.total_samples for source in self._data.sources or []}
+            if sizes and all(size is not None for size in sizes.values()):
+                entry["n"] = sizes[None] if list(sizes) == [None] else {str(name): n for name, n in sizes.items()}
+        self.history.append(entry)
 
     def _summary_rows(self) -> list[dict[str, str]]:
         if not self.history:
             return []
         last = self.history[-1]
-        return summary_rows(list(last["clean"]), last)
+        return summary_rows(list(last["clean"]), last, self._infos)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

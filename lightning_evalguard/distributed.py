@@ -32,6 +32,8 @@ At each evaluated epoch end, for each pass kind (clean; then passes B and C with
    length, :func:`any_reading` before every forward and once at the end;
 4. :func:`total` (the number of batches all ranks evaluated);
 5. when that total is not 0: ``MetricCollection.compute()``, whose torchmetrics sync gathers the metric states;
+   then, for the clean pass over a random subset with a mean-of-samples metric (``MeanSquaredError``,
+   ``MeanAbsoluteError``), :func:`summed` (the per-sample counts, sums and sums of squares);
 6. for the clean pass with ``track_samples=True``: :func:`gather` (each rank's per-sample values);
 7. for the clean pass with the guards on: :func:`any_rank` (whether any rank saw RNG states change), and if so, on
    every rank, :func:`shared_batch` and one watched forward to name what draws; then with ``guards="raise"``
@@ -64,6 +66,7 @@ __all__ = [
     "gather",
     "plan_pass",
     "shared_batch",
+    "summed",
     "total",
 ]
 
@@ -133,6 +136,25 @@ def total(trainer: pl.Trainer, device: torch.device, count: int) -> int:
         return count
     summed = trainer.strategy.reduce(torch.tensor(count, device=device), reduce_op="sum")
     return int(summed.item()) if isinstance(summed, torch.Tensor) else int(summed)
+
+
+def summed(trainer: pl.Trainer, values: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``values`` over the ranks (per-sample sums for a standard error).
+
+    Called on every rank after a clean pass over a random subset with mean-of-samples metrics (the same shape on
+    every rank: one row per such metric).
+
+    Args:
+        trainer: The Trainer.
+        values: This rank's values, on a device the strategy's collectives accept.
+
+    Returns:
+        ``values`` on one process; the sum over the ranks otherwise.
+    """
+    if trainer.world_size == 1:
+        return values
+    reduced: Any = trainer.strategy.reduce(values.clone(), reduce_op="sum")
+    return reduced  # type: ignore[no-any-return]
 
 
 def from_rank_zero(trainer: pl.Trainer, value: T) -> T:

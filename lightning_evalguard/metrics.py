@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torchmetrics import Metric, MetricCollection
@@ -11,10 +11,15 @@ from torchmetrics import Metric, MetricCollection
 from lightning_evalguard.errors import add_note
 
 __all__ = [
+    "MetricInfo",
+    "SampleMoments",
     "check_fits",
     "collection_keys",
     "flatten_scalars",
+    "is_mean_of_samples",
     "is_micro_accuracy",
+    "metric_infos",
+    "per_sample_values",
     "micro_accuracy_names",
     "join_key",
     "running_candidates",
@@ -83,6 +88,187 @@ def is_micro_accuracy(metric: Metric) -> bool:
     if isinstance(metric, BinaryAccuracy):
         return True
     return isinstance(metric, MulticlassAccuracy) and getattr(metric, "average", None) == "micro"
+
+
+def is_mean_of_samples(metric: Metric) -> bool:
+    """Whether ``metric`` is the mean of one value per sample, with the sample standard error of that mean.
+
+    Args:
+        metric: A torchmetrics metric.
+
+    Returns:
+        True for ``MeanSquaredError`` (squared, one output) and ``MeanAbsoluteError`` (one output), not for a
+        subclass that overrides ``update`` or ``compute``. Their value over
+        a pass is the mean over samples of each sample's mean squared (absolute) error, when every sample has the
+        same number of elements.
+    """
+    from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
+
+    if int(getattr(metric, "num_outputs", 1) or 1) != 1:
+        return False
+    for kind in (MeanSquaredError, MeanAbsoluteError):
+        # A subclass with its own update (or compute) may measure something else: its per-sample values are unknown.
+        if isinstance(metric, kind):
+            own = type(metric).update is kind.update and type(metric).compute is kind.compute
+            return own and (kind is MeanAbsoluteError or bool(getattr(metric, "squared", True)))
+    return False
+
+
+def per_sample_values(metric: Metric, preds: Any, target: Any) -> torch.Tensor | None:
+    """Each sample's value of a mean-of-samples metric (see :func:`is_mean_of_samples`) for one batch.
+
+    Args:
+        metric: A ``MeanSquaredError`` or ``MeanAbsoluteError``.
+        preds: The batch's predictions (the metric has accepted them).
+        target: Its targets.
+
+    Returns:
+        A 1-D tensor, one value per sample (the mean over the sample's elements), or None when the batch has no
+        sample dimension. No host sync.
+    """
+    from torchmetrics.regression import MeanSquaredError
+
+    if not isinstance(preds, torch.Tensor) or not isinstance(target, torch.Tensor) or preds.ndim == 0:
+        return None
+    count = preds.shape[0]
+    if target.numel() != preds.numel():
+        return None
+    dtype = torch.float32 if preds.device.type == "mps" else torch.float64  # MPS has no float64
+    difference = preds.reshape(count, -1).to(dtype) - target.reshape(count, -1).to(dtype)
+    values = difference.square() if isinstance(metric, MeanSquaredError) else difference.abs()
+    return values.mean(1)
+
+
+class SampleMoments:
+    """Count, sum and sum of squares of the per-sample values of mean-of-samples metrics over one pass.
+
+    Kept on the model's device (two small operations per metric and batch, no host sync); the count on the host.
+    """
+
+    def __init__(self, metrics: Mapping[str, Metric]) -> None:
+        """Start a pass.
+
+        Args:
+            metrics: The mean-of-samples metrics (see :func:`is_mean_of_samples`), by logged name.
+        """
+        self.metrics = dict(metrics)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = dict.fromkeys(self.metrics, 0)
+
+    def observe(self, batch: Any, preds: Any, target: Any) -> None:
+        """Add one batch's per-sample values.
+
+        Args:
+            batch: The batch (unused; the signature of a pass observer).
+            preds: Its predictions.
+            target: Its targets.
+        """
+        for name, metric in self.metrics.items():
+            values = per_sample_values(metric, preds, target)
+            if values is None:
+                continue
+            sums = torch.stack([values.sum(), values.square().sum()])
+            self._sums[name] = self._sums[name] + sums if name in self._sums else sums
+            self._counts[name] += int(values.shape[0])
+
+    def table(self, device: torch.device) -> torch.Tensor:
+        """``(count, sum, sum of squares)`` per metric, in the order of ``metrics``, as one tensor to reduce.
+
+        Args:
+            device: Where to put it (the module's device, which the strategy's collectives accept).
+
+        Returns:
+            A tensor of shape (len(metrics), 3).
+        """
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        rows = [
+            torch.cat(
+                [
+                    torch.tensor([float(self._counts[name])], dtype=dtype, device=device),
+                    self._sums[name].to(device, dtype)
+                    if name in self._sums
+                    else torch.zeros(2, dtype=dtype, device=device),
+                ]
+            )
+            for name in self.metrics
+        ]
+        return torch.stack(rows) if rows else torch.zeros((0, 3), dtype=dtype, device=device)
+
+
+StderrKind = Literal["binomial", "samples"]
+
+
+class MetricInfo(NamedTuple):
+    """What EvalGuard's words and standard errors need to know about a metric.
+
+    Attributes:
+        bounded: Its values lie in [0, 1] (torchmetrics' ``plot_lower_bound`` 0 and ``plot_upper_bound`` 1): the
+            summary gives differences in points.
+        higher_is_better: torchmetrics' ``higher_is_better`` (None when the metric does not say).
+        stderr: How its standard error on a random subset is estimated: ``"binomial"`` for a micro-averaged
+            accuracy, ``"samples"`` for a mean of per-sample values, None for any other metric (none is logged).
+        decomposable: Whether its value over an epoch equals Lightning's batch-size-weighted mean of its per-batch
+            values: True for micro-averaged accuracies and torchmetrics' means of per-sample (per-element) errors,
+            False for torchmetrics' other metrics (F1, macro averages, AUROC, precision, recall, RMSE, ...), None
+            for a metric EvalGuard does not know (your own ``Metric`` subclass).
+    """
+
+    bounded: bool
+    higher_is_better: bool | None
+    stderr: StderrKind | None
+    decomposable: bool | None = None
+
+
+#: torchmetrics' means of per-element values besides MSE and MAE: decomposable, but without a standard error here.
+_MEAN_OF_ELEMENTS = (
+    "MeanAbsolutePercentageError",
+    "SymmetricMeanAbsolutePercentageError",
+    "MeanSquaredLogError",
+    "LogCoshError",
+)
+
+
+def _decomposable(metric: Metric, stderr: StderrKind | None) -> bool | None:
+    if stderr is not None:
+        return True
+    module = type(metric).__module__ or ""
+    if not module.startswith("torchmetrics.") or module.startswith("torchmetrics.aggregation"):
+        return None  # a metric of the user's, or an aggregation of whatever it is given: unknown
+    if type(metric).__name__ in _MEAN_OF_ELEMENTS and int(getattr(metric, "num_outputs", 1) or 1) == 1:
+        return True
+    return False
+
+
+def metric_info(metric: Metric) -> MetricInfo:
+    """What EvalGuard needs to know about ``metric`` (see :class:`MetricInfo`).
+
+    Args:
+        metric: A torchmetrics metric.
+
+    Returns:
+        Its info.
+    """
+    lower, upper = getattr(metric, "plot_lower_bound", None), getattr(metric, "plot_upper_bound", None)
+    higher = getattr(metric, "higher_is_better", None)
+    kind: StderrKind | None = None
+    if is_micro_accuracy(metric):
+        kind = "binomial"
+    elif is_mean_of_samples(metric):
+        kind = "samples"
+    higher_is_better = None if higher is None else bool(higher)
+    return MetricInfo(lower == 0.0 and upper == 1.0, higher_is_better, kind, _decomposable(metric, kind))
+
+
+def metric_infos(metrics: MetricCollection) -> dict[str, MetricInfo]:
+    """:func:`metric_info` of each metric of a collection, by the name it computes under.
+
+    Args:
+        metrics: A collection.
+
+    Returns:
+        ``{name: MetricInfo}``.
+    """
+    return {str(name): metric_info(metric) for name, metric in metrics.items(keep_base=False)}
 
 
 def micro_accuracy_names(metrics: MetricCollection) -> list[str]:

@@ -27,6 +27,7 @@ from lightning_evalguard.distributed import (
     gather,
     plan_pass,
     shared_batch,
+    summed,
     total,
 )
 from lightning_evalguard.forward import ForwardFn, batch_path, checked_forward, default_batch_path, prepare_batch
@@ -52,7 +53,7 @@ from lightning_evalguard.isolation import (
     swapped_attribute,
     trainer_not_training,
 )
-from lightning_evalguard.metrics import check_fits, flatten_scalars, join_key
+from lightning_evalguard.metrics import SampleMoments, check_fits, flatten_scalars, is_mean_of_samples, join_key
 from lightning_evalguard.progress import pass_progress
 from lightning_evalguard.samples import SampleTracker
 from lightning_evalguard.sources import (
@@ -311,6 +312,12 @@ class Passes:
         self.template = template
         self.tracker = tracker
         self.samples_logged: dict[str, float] = {}
+        #: ``(count, sum, sum of squares)`` of the per-sample values of mean-of-samples metrics, by logged name, from
+        #: the last clean pass over each random subset (for their standard errors).
+        self.moments: dict[str, tuple[float, float, float]] = {}
+        self._per_sample = {
+            str(name): metric for name, metric in template.items(keep_base=False) if is_mean_of_samples(metric)
+        }
         self.forward = forward
         self.seed = seed
         self.policy = policy
@@ -472,8 +479,10 @@ class Passes:
             EvalGuardError: With ``guards="raise"``, when the guard inside the clean pass finds something.
         """
         sources = data.get(trainer, pl_module)
+        data.size_subsets(trainer)  # limit_batches="auto": the subset the last pass sized
         eval_value = data.eval_transform(trainer, pl_module)
         kinds = list(PassKind) if decompose else [PassKind.CLEAN]
+        self.moments = {}
         values: dict[tuple[PassKind, str], torch.Tensor] = {}
         for kind in kinds:
             for source in sources:
@@ -515,7 +524,16 @@ class Passes:
             loader, max_batches = cache.read(source.loader, source.max_batches, placement), None
         description = kind.description + (f" [{source.name}]" if source.name else "")
         outputs = self.tracker.start_pass(source.order) if self.tracker and kind is PassKind.CLEAN else None
-        observe = None if outputs is None else outputs.observe
+        moments = None
+        if kind is PassKind.CLEAN and source.sampled and self._per_sample:
+            moments = SampleMoments({join_key(source.name, name): m for name, m in self._per_sample.items()})
+        observers = [observer.observe for observer in (outputs, moments) if observer is not None]
+
+        def observe_all(batch: Any, preds: Any, target: Any) -> None:
+            for observer in observers:
+                observer(batch, preds, target)
+
+        observe = None if not observers else observers[0] if len(observers) == 1 else observe_all
         with pass_progress(trainer, source.num_batches, description) as step:
             batches = run_pass(trainer, pl_module, loader, metrics, self.forward, max_batches, step, count, observe)
         computed: dict[str, torch.Tensor] = {}
@@ -529,6 +547,10 @@ class Passes:
         else:
             scalars = flatten_scalars(metrics.compute())
             computed = {join_key(source.name, name): value for name, value in scalars.items()}
+            if moments is not None:
+                table = summed(trainer, moments.table(pl_module.device)).tolist()
+                for name, (count, sum_, squares) in zip(moments.metrics, table, strict=True):
+                    self.moments[name] = (count, sum_, squares)
         if outputs is not None and self.tracker is not None:  # every rank's values, folded in on every rank
             self.samples_logged = self.tracker.fold(trainer.current_epoch, gather(trainer, outputs.to_host()))
         return computed

@@ -9,7 +9,7 @@ value). The second can only be seen after the epoch's hooks have run: ``Referenc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from lightning_evalguard._lightning import logged_flags
@@ -61,7 +61,12 @@ class References:
         return [self.val[name]] if name in self.val else validation_candidates(name)
 
     def running_values(
-        self, trainer: pl.Trainer, names: Iterable[str], warn: Warn, trained: bool = True
+        self,
+        trainer: pl.Trainer,
+        names: Iterable[str],
+        warn: Warn,
+        trained: bool = True,
+        non_decomposable: Container[str] = (),
     ) -> dict[str, float]:
         """The running value of each metric found, the same on every rank (rank 0's, which the logger writes).
 
@@ -72,6 +77,10 @@ class References:
             trained: Whether training steps ran in this process during the epoch. Lightning re-runs the end of an
                 epoch after restoring a checkpoint taken at validation end: what was logged then is gone, so
                 nothing is compared and nothing is warned about.
+            non_decomposable: The names of the metrics whose value over an epoch is not the batch-size-weighted
+                mean of their per-batch values (F1, macro averages, AUROC, ...). A running key of one of them
+                logged as a plain value (not a ``Metric`` object) is warned about: Lightning's mean over batches is
+                not that metric over the epoch.
 
         Returns:
             ``{name: value}`` for the names whose key was found.
@@ -88,6 +97,17 @@ class References:
                 continue
             values[name] = value
             logged = flags.get(key) or flags.get(key.removesuffix("_epoch"))
+            if logged is not None and logged.on_epoch and logged.is_tensor:
+                if name in non_decomposable:
+                    warn(
+                        f"definition:{name}",
+                        f"EvalGuard compares clean {name!r} with {key!r}, which was logged as a tensor or number:"
+                        f" Lightning averages its per-batch values over the epoch, and for {name!r} (not a"
+                        " micro-averaged accuracy or a mean of per-sample values) that mean is not the metric over"
+                        " the epoch's samples, so the gap mixes two definitions. Log the torchmetrics Metric object"
+                        f" instead: `self.log({key!r}, self.<metric>, on_epoch=True)` in training_step, after"
+                        " updating it (e.g. `self.train_f1(preds, target)`).",
+                    )
             if logged is not None and not logged.on_epoch:
                 warn(
                     f"step:{name}",

@@ -50,8 +50,8 @@ __all__ = [
 #: The names TensorBoard gives its event files.
 EVENT_FILE_PATTERN = "events.out.tfevents.*"
 #: Value groups of the table and of ``EpochRow.values``, in column order; ``effect/<kind>`` groups follow.
-VALUE_GROUPS = ("running", "clean", "gap", "validation", "generalization")
-_TAG_GROUPS = ("clean", "running", "gap", "generalization")
+VALUE_GROUPS = ("running", "clean", "gap", "stderr", "validation", "generalization")
+_TAG_GROUPS = ("clean", "running", "gap", "generalization", "stderr")
 _PLOT_HINT = "pip install 'lightning-evalguard[plot]'"
 
 
@@ -66,8 +66,8 @@ class EpochRow:
     Attributes:
         step: The global step they were logged at.
         epoch: The epoch, from Lightning's ``epoch`` scalar at that step; None when there is none.
-        values: ``{"running" | "clean" | "gap" | "validation" | "generalization" | "effect/<kind>": value}``, without
-            the groups that were not logged.
+        values: ``{"running" | "clean" | "gap" | "stderr" | "validation" | "generalization" | "effect/<kind>":
+            value}``, without the groups that were not logged.
     """
 
     step: int
@@ -175,7 +175,7 @@ def parse_scalars(scalars: Mapping[str, Sequence[tuple[int, float]]]) -> tuple[M
     """The EvalGuard metrics among a run's scalars.
 
     A prefix is whatever precedes the first ``/clean/`` of a tag. Validation is derived as clean - generalization at
-    the same step. ``<prefix>/time/...`` and ``<prefix>/stderr/...`` are not read.
+    the same step. ``<prefix>/time/...``, ``<prefix>/clean_low/...`` and ``<prefix>/clean_high/...`` are not read.
 
     Args:
         scalars: ``{tag: [(step, value), ...]}``, as from ``read_scalars``; ``epoch`` maps steps to epochs.
@@ -269,7 +269,12 @@ def render_metric(metric: MetricLog) -> str:
     last = [row for row in metric.rows if "clean" in row.values][-1]
     effects = {group.split("/", 1)[1]: value for group, value in last.values.items() if group.startswith("effect/")}
     sentence = reading(
-        metric.name, last.values.get("running"), last.values["clean"], effects or None, last.values.get("validation")
+        metric.name,
+        last.values.get("running"),
+        last.values["clean"],
+        effects or None,
+        last.values.get("validation"),
+        last.values.get("stderr"),
     )
     lines.append(f"reading at {metric.x_label} {metric.x(last)}: {sentence}")
     return "\n".join(lines)
@@ -378,7 +383,17 @@ def plot_runs(runs: Sequence[RunLog], path: str | Path) -> None:
 
         for group in ("running", "clean", "validation"):
             if group in metric.groups:
-                curves.plot(*series(group), marker="o", label=group)
+                (line,) = curves.plot(*series(group), marker="o", label=group)
+                if group == "clean" and "stderr" in metric.groups:
+                    band = [row for row in metric.rows if "clean" in row.values and "stderr" in row.values]
+                    curves.fill_between(
+                        [metric.x(row) for row in band],
+                        [row.values["clean"] - 2 * row.values["stderr"] for row in band],
+                        [row.values["clean"] + 2 * row.values["stderr"] for row in band],
+                        color=line.get_color(),
+                        alpha=0.2,
+                        label="clean ± 2 standard errors",
+                    )
         curves.set(title=title, xlabel=metric.x_label, ylabel=metric.name)
         curves.legend(loc="best", fontsize="small")
         curves.grid(alpha=0.3)

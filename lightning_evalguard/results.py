@@ -8,7 +8,16 @@ from typing import Any, NamedTuple
 
 from lightning_evalguard.metrics import join_key
 
-__all__ = ["Decomposition", "Subset", "binomial_stderr", "history_entry", "result_groups", "standard_errors"]
+__all__ = [
+    "Decomposition",
+    "Subset",
+    "binomial_stderr",
+    "finite_population_correction",
+    "history_entry",
+    "mean_stderr",
+    "result_groups",
+    "standard_errors",
+]
 
 Values = Mapping[str, float]
 
@@ -26,45 +35,99 @@ class Decomposition(NamedTuple):
 
 
 class Subset(NamedTuple):
-    """How many samples a source's clean values were measured on.
+    """How many samples a source's clean values were measured on, out of how many.
 
     Attributes:
         name: The training loader's name (None for a single loader).
-        total_samples: The samples all processes evaluated together, when known.
+        total_samples: The samples all processes evaluated together (n), when known.
         sampled: Whether they are a random subset drawn by ``limit_batches``.
+        population: The samples the subset was drawn from (N), when known; None leaves out the finite-population
+            correction.
     """
 
     name: str | None
     total_samples: int | None
     sampled: bool
+    population: int | None = None
 
 
-def binomial_stderr(p: float, n: int) -> float:
-    """sqrt(p (1 - p) / n): the standard error of a proportion measured on ``n`` samples.
+def finite_population_correction(n: int, population: int | None) -> float:
+    """sqrt((N - n) / (N - 1)): how much less a mean varies when n samples are drawn from N without replacement.
+
+    Args:
+        n: The samples drawn.
+        population: N, or None (no correction).
+
+    Returns:
+        The factor (1.0 without a population, 0.0 when n >= N).
+    """
+    if population is None or population <= 1:
+        return 1.0
+    if n >= population:
+        return 0.0
+    return math.sqrt((population - n) / (population - 1))
+
+
+def binomial_stderr(p: float, n: int, population: int | None = None) -> float:
+    """sqrt(p (1 - p) / n) (times the finite-population correction): the standard error of a proportion.
 
     Args:
         p: The proportion (clamped to [0, 1]).
         n: The number of samples (> 0).
+        population: The samples they were drawn from without replacement, or None.
 
     Returns:
         The standard error.
     """
     p = min(max(p, 0.0), 1.0)
-    return math.sqrt(p * (1.0 - p) / n)
+    return math.sqrt(p * (1.0 - p) / n) * finite_population_correction(n, population)
 
 
-def standard_errors(clean: Values, accuracies: Iterable[str], subsets: Iterable[Subset]) -> dict[str, float]:
-    """The binomial standard error of each micro-averaged accuracy measured on a random subset.
+def mean_stderr(count: float, total: float, squares: float, population: int | None = None) -> float | None:
+    """The standard error of a mean of per-sample values: s / sqrt(n), s their sample standard deviation.
+
+    Times the finite-population correction when ``population`` is given.
+
+    Args:
+        count: n, the number of values.
+        total: Their sum.
+        squares: The sum of their squares.
+        population: The samples they were drawn from without replacement, or None.
+
+    Returns:
+        The standard error of their mean, or None with fewer than two values.
+    """
+    n = round(count)
+    if n < 2:
+        return None
+    variance = max((squares - total * total / n) / (n - 1), 0.0)
+    return math.sqrt(variance / n) * finite_population_correction(n, population)
+
+
+def standard_errors(
+    clean: Values,
+    accuracies: Iterable[str],
+    subsets: Iterable[Subset],
+    moments: Mapping[str, tuple[float, float, float]] | None = None,
+) -> dict[str, float]:
+    """The standard error of each clean value measured on a random subset, where EvalGuard can estimate one.
+
+    Micro-averaged accuracies get the binomial standard error, means of per-sample values (``moments``) the sample
+    standard deviation over sqrt(n); both with the finite-population correction when the subset's population is
+    known. A whole pass has no sampling error: nothing is returned for it.
 
     Args:
         clean: The clean values by logged name (``<loader>/<metric>`` with several loaders).
         accuracies: The metric names that are micro-averaged accuracies.
         subsets: One entry per clean source.
+        moments: ``(count, sum, sum of squares)`` of the per-sample values of mean-of-samples metrics, by logged
+            name, for the sources that evaluated a random subset.
 
     Returns:
-        ``{name: stderr}`` for the accuracies of the sources that evaluated a non-empty random subset.
+        ``{name: stderr}`` for the sources that evaluated a non-empty random subset.
     """
     names = list(accuracies)
+    moments = moments or {}
     stderr: dict[str, float] = {}
     for subset in subsets:
         if not subset.sampled or not subset.total_samples:
@@ -72,7 +135,12 @@ def standard_errors(clean: Values, accuracies: Iterable[str], subsets: Iterable[
         for name in names:
             key = join_key(subset.name, name)
             if key in clean:
-                stderr[key] = binomial_stderr(clean[key], subset.total_samples)
+                stderr[key] = binomial_stderr(clean[key], subset.total_samples, subset.population)
+        for key, (count, total, squares) in moments.items():
+            if key in clean and (subset.name is None or key.startswith(f"{subset.name}/")):
+                value = mean_stderr(count, total, squares, subset.population)
+                if value is not None:
+                    stderr[key] = value
     return stderr
 
 
@@ -95,7 +163,8 @@ def result_groups(
     Returns:
         ``clean``, ``running``, ``gap`` (clean - running), ``generalization`` (clean - validation), with a
         decomposition ``effect/train_mode`` (clean - B), ``effect/augmentation`` (B - C) and ``effect/weight_drift``
-        (C - running), which add up to the gap, and ``stderr`` when given and not empty.
+        (C - running), which add up to the gap, and when standard errors are given ``stderr`` with the band of
+        the clean value, ``clean_low`` and ``clean_high`` (clean -/+ 2 standard errors).
     """
     groups: dict[str, dict[str, float]] = {
         "clean": dict(clean),
@@ -110,6 +179,8 @@ def result_groups(
         groups["effect/weight_drift"] = {n: augmented[n] - running[n] for n in running if n in augmented}
     if stderr:
         groups["stderr"] = dict(stderr)
+        groups["clean_low"] = {name: clean[name] - 2 * value for name, value in stderr.items() if name in clean}
+        groups["clean_high"] = {name: clean[name] + 2 * value for name, value in stderr.items() if name in clean}
     return groups
 
 

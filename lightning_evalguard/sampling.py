@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,9 +20,12 @@ from torch.utils.data import (
 from lightning_evalguard._lightning import is_unrepeated_sampler, unwrap_distributed_sampler
 
 __all__ = [
+    "AutoSubset",
     "IndexSampler",
     "MergedLastBatchSampler",
+    "auto_sample_size",
     "fixed_subset",
+    "seeded_permutation",
     "pads_samples",
     "sampled_indices",
     "shard",
@@ -117,6 +120,103 @@ def fixed_subset(
         return list(stored)
     generator = torch.Generator().manual_seed(seed)
     return sorted(candidates[position] for position in torch.randperm(num_samples, generator=generator)[:size].tolist())
+
+
+def seeded_permutation(candidates: Sequence[int], seed: int) -> list[int]:
+    """The candidates in the order of one seeded permutation: ``limit_batches="auto"`` reads a prefix of it.
+
+    The same draw as :func:`fixed_subset`: its subset of size n is the first n of this permutation.
+
+    Args:
+        candidates: The dataset indices the training loader reads.
+        seed: The seed of the draw.
+
+    Returns:
+        The permuted indices.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return [candidates[position] for position in torch.randperm(len(candidates), generator=generator).tolist()]
+
+
+def auto_sample_size(population: int, target_stderr: float, p: float | None = None, n: int | None = None) -> int:
+    """The subset size whose accuracy has a standard error of at most ``target_stderr``, drawn without replacement.
+
+    se = sqrt(p (1 - p) / n * (N - n) / (N - 1)), so n = n0 / (1 + (n0 - 1) / N) with n0 = p (1 - p) / se^2. The
+    first pass assumes p = 0.5, the worst case; later passes use the previous pass's value, moved toward 0.5 as
+    Agresti and Coull do, (p n + 2) / (n + 4), so that a pass that got every sample right does not size the next
+    one to a handful.
+
+    Args:
+        population: N, the samples the subset is drawn from.
+        target_stderr: The standard error to reach.
+        p: The previous pass's accuracy (the one nearest 0.5 of several), or None before the first pass.
+        n: The number of samples that measured it.
+
+    Returns:
+        The size, in [min(N, 1), N].
+    """
+    if population <= 0:
+        return 0
+    estimate = 0.5 if p is None or n is None else (min(max(p, 0.0), 1.0) * n + 2.0) / (n + 4.0)
+    n0 = estimate * (1.0 - estimate) / target_stderr**2
+    size = math.ceil(n0 / (1.0 + (n0 - 1.0) / population) - 1e-9)
+    return min(max(size, 1), population)
+
+
+class AutoSubset:
+    """The state of a ``limit_batches="auto"`` subset: one permutation, and the pass that sizes the next.
+
+    Attributes:
+        permutation: The candidates in a fixed seeded order; every subset is a prefix of it.
+        p: The last pass's accuracy (nearest 0.5 of several), None before the first pass.
+        n: The number of samples that measured it.
+    """
+
+    def __init__(self, permutation: Sequence[int], p: float | None = None, n: int | None = None) -> None:
+        """Store the state.
+
+        Args:
+            permutation: The candidates in a fixed seeded order.
+            p: The last pass's accuracy, or None.
+            n: The number of samples that measured it, or None.
+        """
+        self.permutation = list(permutation)
+        self.p, self.n = p, n
+
+    def next_indices(self, target_stderr: float) -> list[int]:
+        """The sorted dataset indices of the next pass: the prefix of the size :func:`auto_sample_size` gives.
+
+        Args:
+            target_stderr: The standard error to reach.
+
+        Returns:
+            Sorted indices.
+        """
+        size = auto_sample_size(len(self.permutation), target_stderr, self.p, self.n)
+        return sorted(self.permutation[:size])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The permutation (a LongTensor) and the last pass's ``p`` and ``n``: plain types for a checkpoint.
+
+        Returns:
+            The state.
+        """
+        return {"permutation": torch.tensor(self.permutation, dtype=torch.long), "p": self.p, "n": self.n}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> AutoSubset:
+        """Rebuild what :meth:`state_dict` saved.
+
+        Args:
+            state: The state.
+
+        Returns:
+            The subset state.
+        """
+        permutation = state["permutation"]
+        indices = permutation.tolist() if isinstance(permutation, torch.Tensor) else list(permutation)
+        p, n = state.get("p"), state.get("n")
+        return cls(indices, None if p is None else float(p), None if n is None else int(n))
 
 
 def sampled_indices(train_loader: DataLoader[Any]) -> tuple[list[int] | None, bool]:

@@ -18,12 +18,15 @@ from torch.utils.data import DataLoader, IterableDataset
 from lightning_evalguard._lightning import fit_validation_loaders, user_overrides
 from lightning_evalguard.cache import BatchCache, release
 from lightning_evalguard.isolation import find_attribute_holders
+from lightning_evalguard.metrics import join_key
 from lightning_evalguard.sampling import (
+    AutoSubset,
     IndexSampler,
     MergedLastBatchSampler,
     fixed_subset,
     pads_samples,
     sampled_indices,
+    seeded_permutation,
     shard,
 )
 
@@ -74,6 +77,7 @@ class CleanSource:
         num_samples: Samples this process evaluates, when known.
         total_samples: Samples all processes evaluate together, when known.
         sampled: Whether ``limit_batches`` drew a random subset (smaller than the dataset).
+        population: The samples that subset was drawn from (the training sampler's), when known.
         cache: The batch cache (``cache=True``, rebuilt loaders only).
         order: The dataset indices this process reads, in the order of its batches (rebuilt map-style loaders).
     """
@@ -88,6 +92,7 @@ class CleanSource:
     num_samples: int | None = None
     total_samples: int | None = None
     sampled: bool = False
+    population: int | None = None
     cache: BatchCache | None = None
     order: list[int] | None = None
 
@@ -331,11 +336,12 @@ class SourceOptions:
     dataloader: LoaderArg
     eval_transform: Any
     transform_attr: str
-    limit_batches: int | float | None
+    limit_batches: int | float | str | None
     batch_size: int | None
     seed: int
     decompose: bool
     cache_max_bytes: int | None  # None: no cache
+    target_stderr: float = 0.005  # with limit_batches="auto"
 
 
 def build_sources(
@@ -344,6 +350,7 @@ def build_sources(
     options: SourceOptions,
     subsets: MutableMapping[str, list[int]],
     warn: Warn,
+    autos: MutableMapping[str, AutoSubset] | None = None,
 ) -> list[CleanSource]:
     """The clean sources, by precedence: ``dataloader=``, the ``clean_train_dataloader`` hook, rebuilt loaders.
 
@@ -353,6 +360,7 @@ def build_sources(
         options: The callback's arguments.
         subsets: Fixed subsets by loader name (``""`` for a single loader): read, and updated with new draws.
         warn: ``(key, message)``: gives a warning once.
+        autos: The ``limit_batches="auto"`` states by loader name: read, and updated with new permutations.
 
     Returns:
         One source for a user loader; one per training loader otherwise.
@@ -362,11 +370,18 @@ def build_sources(
         ValueError: If the clean data cannot be built from these arguments (the message says what to pass).
     """
     user = user_clean_loader(trainer, pl_module, options.dataloader)
+    autos = {} if autos is None else autos
     if user is None:
         loaders = named_loaders(trainer.train_dataloader)
-        return [_rebuilt_source(trainer, name, loader, options, subsets, warn) for name, loader in loaders]
+        return [_rebuilt_source(trainer, name, loader, options, subsets, warn, autos) for name, loader in loaders]
     mechanism, loader = user
     where = "`dataloader=`" if mechanism == "dataloader" else "`clean_train_dataloader()`"
+    if options.limit_batches == "auto":
+        raise ValueError(
+            f"EvalGuard(limit_batches='auto') draws subsets of the training set's dataset indices, but the clean data"
+            f" comes from {where}, whose samples it cannot index. Pass a fixed `limit_batches` (a fraction or a"
+            " number of batches), or let EvalGuard rebuild the training loader (eval_transform=...)."
+        )
     if trainer.world_size > 1 and pads_samples(loader):
         warn(
             "padding-sampler",
@@ -385,6 +400,7 @@ def build_sources(
                 " an int `limit_batches` (a number of batches) instead."
             ) from None
         return [CleanSource(None, loader, mechanism, max_batches=max(1, math.ceil(limit * length)))]
+    assert not isinstance(limit, str)  # "auto" was refused above
     return [CleanSource(None, loader, mechanism, max_batches=limit)]
 
 
@@ -395,6 +411,7 @@ def _rebuilt_source(
     options: SourceOptions,
     subsets: MutableMapping[str, list[int]],
     warn: Warn,
+    autos: MutableMapping[str, AutoSubset],
 ) -> CleanSource:
     where = f"training loader {name!r}" if name is not None else "the training loader"
     if not isinstance(train_loader, DataLoader):
@@ -425,9 +442,10 @@ def _rebuilt_source(
     if is_iterable_dataset(train_loader):
         if not isinstance(options.limit_batches, int):
             raise ValueError(
-                f"The dataset of {where} is an IterableDataset: EvalGuard cannot index it or know its length."
-                " Pass `dataloader=` to EvalGuard, define `clean_train_dataloader()` on your LightningDataModule"
-                " or LightningModule, or pass an int `limit_batches=` (a number of batches to evaluate)."
+                f"The dataset of {where} is an IterableDataset: EvalGuard cannot index it or know its length"
+                f" (limit_batches={options.limit_batches!r}). Pass `dataloader=` to EvalGuard, define"
+                " `clean_train_dataloader()` on your LightningDataModule or LightningModule, or pass an int"
+                " `limit_batches=` (a number of batches to evaluate)."
             )
         if trainer.world_size > 1:
             warn(
@@ -452,11 +470,20 @@ def _rebuilt_source(
         )
     key = name or ""
     candidates = universe if universe is not None else range(num_samples)
-    subset = fixed_subset(candidates, options.limit_batches, batch_size, options.seed, subsets.get(key))
-    if subset is None:
-        subsets.pop(key, None)
+    if options.limit_batches == "auto":
+        auto = autos.get(key)
+        if auto is None or sorted(auto.permutation) != list(candidates):  # a new fit, or the data changed
+            auto = autos[key] = AutoSubset(seeded_permutation(candidates, options.seed))
+        subset: list[int] | None = auto.next_indices(options.target_stderr)
+        if subset is not None and len(subset) >= len(candidates):
+            subset = None
     else:
-        subsets[key] = subset
+        limit = options.limit_batches if not isinstance(options.limit_batches, str) else None
+        subset = fixed_subset(candidates, limit, batch_size, options.seed, subsets.get(key))
+        if subset is None:
+            subsets.pop(key, None)
+        else:
+            subsets[key] = subset
     indices = subset if subset is not None else candidates
     sampler_kwargs = trainer.distributed_sampler_kwargs or {}
     local = shard(indices, int(sampler_kwargs.get("rank", 0)), int(sampler_kwargs.get("num_replicas", 1)))
@@ -482,9 +509,35 @@ def _rebuilt_source(
         num_samples=len(local),
         total_samples=len(indices),
         sampled=subset is not None,
+        population=len(candidates),
         cache=cache,
         order=local,
     )
+
+
+def resize_source(trainer: pl.Trainer, source: CleanSource, indices: Sequence[int], population: int) -> None:
+    """Make a rebuilt source read ``indices`` from its next pass on (``limit_batches="auto"``).
+
+    The loader is kept (and so are its persistent workers): its sampler's indices are replaced, and this rank reads
+    its unpadded shard of them.
+
+    Args:
+        trainer: The Trainer (its rank and world size shard the indices).
+        source: A rebuilt source over a map-style dataset.
+        indices: The dataset indices of the subset, sorted.
+        population: The number of samples they are drawn from.
+    """
+    sampler_kwargs = trainer.distributed_sampler_kwargs or {}
+    local = shard(indices, int(sampler_kwargs.get("rank", 0)), int(sampler_kwargs.get("num_replicas", 1)))
+    loader: Any = source.loader
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    holder = batch_sampler if isinstance(batch_sampler, MergedLastBatchSampler) else getattr(loader, "sampler", None)
+    if not isinstance(holder, (MergedLastBatchSampler, IndexSampler)):
+        raise TypeError(f"EvalGuard cannot resize a clean loader whose sampler is a {type(holder).__name__}.")
+    holder.indices = list(local)
+    source.order = list(local)
+    source.num_samples, source.total_samples = len(local), len(indices)
+    source.sampled, source.population = len(indices) < population, population
 
 
 def is_hf_dataset(dataset: Any) -> bool:
@@ -574,6 +627,8 @@ class CleanData:
         options: The callback's arguments that decide where clean batches come from.
         subsets: The fixed ``limit_batches`` subsets by loader name (``""`` for a single loader), kept across fits
             and in checkpoints so a resumed run evaluates the same samples.
+        autos: With ``limit_batches="auto"``, each loader's permutation and the pass that sizes the next subset,
+            kept across fits and in checkpoints.
         sources: The sources built for the current fit, or None before they are built.
     """
 
@@ -586,6 +641,7 @@ class CleanData:
         """
         self.options = options
         self.subsets: dict[str, list[int]] = {}
+        self.autos: dict[str, AutoSubset] = {}
         self.sources: list[CleanSource] | None = None
         self._warn = warn
         self._built_for: Any = None
@@ -610,9 +666,35 @@ class CleanData:
         """
         train_loaders = trainer.train_dataloader
         if self.sources is None or self._built_for is not train_loaders:
-            self.sources = build_sources(trainer, pl_module, self.options, self.subsets, self._warn)
+            self.sources = build_sources(trainer, pl_module, self.options, self.subsets, self._warn, self.autos)
             self._built_for = train_loaders
         return self.sources
+
+    def size_subsets(self, trainer: pl.Trainer) -> None:
+        """With ``limit_batches="auto"``, give each source the subset sized from the last pass (before a pass).
+
+        Args:
+            trainer: The Trainer.
+        """
+        for source in self.sources or []:
+            auto = self.autos.get(source.name or "")
+            if auto is not None and source.mechanism == "rebuilt" and source.order is not None:
+                indices = auto.next_indices(self.options.target_stderr)
+                resize_source(trainer, source, indices, len(auto.permutation))
+
+    def record_pass(self, clean: Mapping[str, float], accuracies: Sequence[str]) -> None:
+        """With ``limit_batches="auto"``, keep each source's accuracy (the one nearest 0.5) and ``n`` for the next.
+
+        Args:
+            clean: The pass's clean values by logged name.
+            accuracies: The names of the micro-averaged accuracies.
+        """
+        for source in self.sources or []:
+            auto = self.autos.get(source.name or "")
+            values = [clean[key] for name in accuracies if (key := join_key(source.name, name)) in clean]
+            if auto is not None and values and source.total_samples:
+                auto.p = max(values, key=lambda value: value * (1.0 - value))
+                auto.n = source.total_samples
 
     def eval_transform(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         """The transform the passes set on the training datasets: ``eval_transform``, or the validation one for "val".

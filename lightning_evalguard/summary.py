@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_evalguard.metrics import MetricInfo
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
@@ -58,11 +60,15 @@ def reading(
     clean: float,
     effects: Mapping[str, float] | None = None,
     validation: float | None = None,
+    stderr: float | None = None,
+    info: MetricInfo | None = None,
 ) -> str:
     """One sentence that says what the numbers mean.
 
-    For metrics in [0, 1] differences are in points (x 100), e.g. "running acc understates clean acc by 4.1 points;
-    3.2 of them come from augmentation".
+    Differences are in points (x 100) for metrics bounded in [0, 1], e.g. "running acc understates clean acc by 4.1
+    points; 3.2 of them come from augmentation", otherwise in the metric's own units. "understates"/"overstates"
+    follow the metric's ``higher_is_better``: a running MSE above the clean one "overstates the error". With a
+    standard error of the clean value (a random subset), the gap is called real when it exceeds two of them.
 
     Args:
         name: The metric name.
@@ -70,11 +76,15 @@ def reading(
         clean: The clean value.
         effects: ``{"train_mode" | "augmentation" | "weight_drift": value}`` when the gap was decomposed.
         validation: The validation value, when known.
+        stderr: The clean value's standard error, when measured on a random subset.
+        info: What torchmetrics says of the metric (bounds, ``higher_is_better``); without it, values in [0, 1]
+            are read as fractions and higher as better.
 
     Returns:
         The sentence, ending with a full stop.
     """
-    points = _is_fraction(running, clean, validation)
+    points = info.bounded if info is not None else _is_fraction(running, clean, validation)
+    higher_is_better = info.higher_is_better if info is not None else True
     scale, unit = (100.0, " points") if points else (1.0, "")
 
     def amount(value: float, with_unit: bool = True) -> str:
@@ -86,17 +96,31 @@ def reading(
         sentence = f"clean {name} is {format_value(clean)}; no running {name} was found to compare with"
     else:
         gap = clean - running
-        if abs(gap * scale) < 0.05:
+        if _negligible(gap, clean, running, points):
             sentence = f"running {name} matches clean {name} (gap {amount(gap)})"
         else:
-            verb = "understates" if gap > 0 else "overstates"
-            sentence = f"running {name} {verb} clean {name} by {amount(gap)}"
+            if higher_is_better is None:
+                sentence = f"running {name} is {amount(gap)} {'below' if gap > 0 else 'above'} clean {name}"
+            elif higher_is_better:
+                sentence = f"running {name} {'understates' if gap > 0 else 'overstates'} clean {name} by {amount(gap)}"
+            else:
+                verb = "overstates" if gap < 0 else "understates"
+                side = "below" if gap < 0 else "above"
+                sentence = f"running {name} {verb} the error by {amount(gap)} (clean {name} is {side} it)"
             if effects:
                 same_sign = {kind: value for kind, value in effects.items() if value * gap > 0}
                 if same_sign:
                     kind = max(same_sign, key=lambda k: abs(same_sign[k]))
                     label = EFFECT_LABELS.get(kind, kind)
                     sentence += f"; {amount(same_sign[kind], with_unit=False)} of them come from {label}"
+            if stderr is not None and stderr > 0 and not math.isnan(stderr):
+                errors = abs(gap) / stderr
+                if errors > 2:
+                    sentence += f"; the gap of {amount(gap)} is {errors:.1f} standard errors: real"
+                else:
+                    sentence += (
+                        f"; the gap of {amount(gap)} is within the subset's noise ({errors:.1f} standard errors)"
+                    )
     if validation is not None:
         generalization = clean - validation
         direction = "below" if generalization >= 0 else "above"
@@ -104,13 +128,25 @@ def reading(
     return sentence + "."
 
 
-def summary_rows(names: Sequence[str], last: Mapping[str, Mapping[str, float]]) -> list[dict[str, str]]:
+def _negligible(gap: float, clean: float, running: float, points: bool) -> bool:
+    # Whether the gap rounds to nothing at the precision the sentence prints.
+    if points:
+        return abs(gap * 100.0) < 0.05
+    return abs(gap) <= 5e-5 * max(abs(clean), abs(running)) or gap == 0
+
+
+def summary_rows(
+    names: Sequence[str],
+    last: Mapping[str, Mapping[str, float]],
+    infos: Mapping[str, MetricInfo] | None = None,
+) -> list[dict[str, str]]:
     """Rows of the summary table, one per metric, from the last evaluated epoch.
 
     Args:
         names: The metric names, in order.
         last: ``{"clean": {...}, "running": {...}, "gap": {...}, "validation": {...}, "generalization": {...},
-            "effect/<kind>": {...}}``; missing groups are allowed.
+            "effect/<kind>": {...}, "stderr": {...}}``; missing groups are allowed.
+        infos: What torchmetrics says of each metric, by name (see :func:`reading`).
 
     Returns:
         One dict per metric with the formatted columns and the reading.
@@ -125,18 +161,27 @@ def summary_rows(names: Sequence[str], last: Mapping[str, Mapping[str, float]]) 
         if clean is None:
             continue
         effects = {kind: value for kind in EFFECT_LABELS if (value := get(f"effect/{kind}")) is not None}
-        rows.append(
-            {
-                "metric": name,
-                "running": format_value(get("running")),
-                "clean": format_value(clean),
-                "gap": format_value(get("gap")),
-                "validation": format_value(get("validation")),
-                "generalization": format_value(get("generalization")),
-                **{f"effect/{kind}": format_value(value) for kind, value in effects.items()},
-                "reading": reading(name, get("running"), clean, effects or None, get("validation")),
-            }
+        row = {
+            "metric": name,
+            "running": format_value(get("running")),
+            "clean": format_value(clean),
+            "gap": format_value(get("gap")),
+            "validation": format_value(get("validation")),
+            "generalization": format_value(get("generalization")),
+            **{f"effect/{kind}": format_value(value) for kind, value in effects.items()},
+        }
+        if get("stderr") is not None:
+            row["stderr"] = format_value(get("stderr"))
+        row["reading"] = reading(
+            name,
+            get("running"),
+            clean,
+            effects or None,
+            get("validation"),
+            get("stderr"),
+            (infos or {}).get(name),
         )
+        rows.append(row)
     return rows
 
 
@@ -191,7 +236,11 @@ def render_summary(rows: Sequence[Mapping[str, str]], title: str = "EvalGuard su
 
 
 def tensorboard_layout(
-    prefix: str, names: Sequence[str], validation_keys: Mapping[str, Sequence[str]], decompose: bool
+    prefix: str,
+    names: Sequence[str],
+    validation_keys: Mapping[str, Sequence[str]],
+    decompose: bool,
+    bands: Sequence[str] = (),
 ) -> dict[str, dict[str, list[Any]]]:
     """A TensorBoard custom-scalars layout: per metric, running, clean and validation overlaid; gaps; effects.
 
@@ -202,9 +251,12 @@ def tensorboard_layout(
         names: The metric names.
         validation_keys: Per metric, the keys its validation value may be logged under.
         decompose: Whether effects are logged (adds a chart per metric).
+        bands: The metrics whose clean value gets a standard error (a random subset): a margin chart each, the clean
+            value between ``clean_low`` and ``clean_high`` (clean -/+ 2 standard errors).
 
     Returns:
-        ``{category: {chart title: ["Multiline", [tag regexes]]}}`` for ``SummaryWriter.add_custom_scalars``.
+        ``{category: {chart title: ["Multiline", [tag regexes]] or ["Margin", [value, lower, upper tags]]}}`` for
+        ``SummaryWriter.add_custom_scalars``.
     """
 
     def key(*parts: str) -> str:
@@ -221,6 +273,11 @@ def tensorboard_layout(
         for name in names:
             effects = [f"^{re.escape(key('effect', kind, name))}$" for kind in EFFECT_LABELS]
             charts[f"{name}: the gap's causes"] = ["Multiline", [f"^{re.escape(key('gap', name))}$", *effects]]
+    for name in bands:
+        charts[f"{name}: clean, 2 standard errors either side"] = [
+            "Margin",
+            [key("clean", name), key("clean_low", name), key("clean_high", name)],
+        ]
     return {prefix or "evalguard": charts}
 
 

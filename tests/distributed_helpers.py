@@ -37,3 +37,8 @@ class SameOnEveryRank(pl.Callback):
             raise AssertionError(f"ranks disagree: {histories}")
         if trainer.is_global_zero:
             self.out.write_text(json.dumps({"history": guard.history, "world_size": trainer.world_size}))
+
+
+def regression_forward(module: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two regression outputs per sample: the first two logits against (label, -label)."""
+    return module(batch[0])[:, :2].contiguous(), torch.stack([batch[1].float(), -batch[1].float()], 1)

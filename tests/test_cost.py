@@ -102,13 +102,45 @@ def test_standard_error_is_logged_for_micro_accuracies_on_a_subset(tmp_path):
     pl_trainer = trainer(tmp_path, max_epochs=1, callbacks=[guard])
     pl_trainer.fit(Classifier("linear"), loader(TensorData(x, y)))
     p = guard.history[-1]["clean"]["acc"]
-    assert guard.history[-1]["stderr"] == {"acc": pytest.approx(math.sqrt(p * (1 - p) / 32))}
-    assert float(pl_trainer.callback_metrics["evalguard/stderr/acc"]) == pytest.approx(math.sqrt(p * (1 - p) / 32))
+    expected = math.sqrt(p * (1 - p) / 32 * (64 - 32) / (64 - 1))  # 32 of 64 samples, drawn without replacement
+    assert guard.history[-1]["stderr"] == {"acc": pytest.approx(expected)}
+    assert float(pl_trainer.callback_metrics["evalguard/stderr/acc"]) == pytest.approx(expected)
+    assert float(pl_trainer.callback_metrics["evalguard/clean_low/acc"]) == pytest.approx(p - 2 * expected)
+    assert float(pl_trainer.callback_metrics["evalguard/clean_high/acc"]) == pytest.approx(p + 2 * expected)
     assert "evalguard/stderr/macro" not in pl_trainer.callback_metrics
+    assert "evalguard/clean_low/macro" not in pl_trainer.callback_metrics
 
     whole = EvalGuard({"acc": micro_accuracy()}, limit_batches=1.0)  # the whole set: no sampling error
     trainer(tmp_path, max_epochs=1, callbacks=[whole]).fit(Classifier("linear"), loader(TensorData(x, y)))
-    assert "stderr" not in whole.history[-1]
+    assert "stderr" not in whole.history[-1] and "clean_low" not in whole.history[-1]
+
+
+def regression_forward(module: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return module(batch[0])[:, :2].contiguous(), torch.stack(
+        [batch[1].float(), -batch[1].float()], 1
+    )  # two outputs per sample
+
+
+@pytest.mark.filterwarnings("ignore:EvalGuard found no running metric")
+def test_mean_of_per_sample_metrics_get_the_standard_error_of_their_per_sample_values(tmp_path):
+    from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
+
+    x, y = make_tensors(60)
+    metrics = {"mse": MeanSquaredError(), "mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False)}
+    guard = EvalGuard(metrics, limit_batches=0.4, batch_size=7, forward=regression_forward)
+    model = Classifier("linear")
+    trainer(tmp_path, max_epochs=1, callbacks=[guard]).fit(model, loader(TensorData(x, y)))
+    subset = guard.state_dict()["subsets"][""]
+    assert len(subset) == 24
+    with torch.no_grad():
+        preds, target = regression_forward(model.eval(), (x[subset], y[subset]))
+    correction = math.sqrt((60 - 24) / (60 - 1))
+    for name, per_sample in (("mse", (preds - target).square()), ("mae", (preds - target).abs())):
+        values = per_sample.double().mean(1)
+        assert guard.history[-1]["clean"][name] == pytest.approx(float(values.mean()), rel=1e-5)
+        expected = float(values.std()) / math.sqrt(24) * correction
+        assert guard.history[-1]["stderr"][name] == pytest.approx(expected, rel=1e-6), name
+    assert "rmse" not in guard.history[-1]["stderr"]  # a root of a mean: no per-sample standard error
 
 
 class CountingData(TensorData):

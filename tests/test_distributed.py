@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from distributed_helpers import LogitSum, SameOnEveryRank
+from distributed_helpers import LogitSum, SameOnEveryRank, regression_forward
 from torch import nn
 from torch.utils.data import DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
@@ -85,6 +85,57 @@ def test_ddp_pass_counts_each_sample_once_and_equals_a_single_process_computatio
     check(pl_trainer.callback_metrics, model, limit)
     history = json.loads((tmp_path / "history.json").read_text())["history"]
     assert [entry["clean"]["n"] for entry in history] == [len(subset_indices(limit))] * 2
+
+
+def test_ddp_standard_error_of_a_per_sample_metric_counts_the_samples_of_every_rank(tmp_path):
+    from torchmetrics.regression import MeanSquaredError
+
+    x, y = make_tensors(N)
+    model = Classifier("linear")
+    callback = EvalGuard(
+        {"mse": MeanSquaredError()}, batch_size=8, limit_batches=0.5, forward=regression_forward, running={}
+    )
+    pl_trainer = trainer(
+        tmp_path, max_epochs=1, devices=2, strategy="ddp_fork", callbacks=[callback, SameOnEveryRank(tmp_path / "h")]
+    )
+    pl_trainer.fit(model, loader(TensorData(x, y), batch_size=11))
+    indices = subset_indices(0.5)
+    with torch.no_grad():
+        preds, target = regression_forward(model.eval(), (x[indices], y[indices]))
+    values = (preds - target).double().square().mean(1)
+    n = len(indices)
+    expected = float(values.std()) / n**0.5 * ((N - n) / (N - 1)) ** 0.5
+    assert float(pl_trainer.callback_metrics["evalguard/clean/mse"]) == pytest.approx(float(values.mean()), rel=1e-5)
+    assert float(pl_trainer.callback_metrics["evalguard/stderr/mse"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_ddp_auto_subsets_are_the_same_on_every_rank_and_exact(tmp_path):
+    from lightning_evalguard.sampling import auto_sample_size, seeded_permutation
+
+    x, y = make_tensors(N)
+    model = Classifier("batchnorm")
+    callback = EvalGuard(
+        {"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro"), "n": CountSamples()},
+        eval_transform=nn.Identity(),
+        batch_size=8,
+        limit_batches="auto",
+        target_stderr=0.1,
+    )
+    pl_trainer = trainer(
+        tmp_path,
+        max_epochs=2,
+        devices=2,
+        strategy="ddp_fork",
+        callbacks=[callback, SameOnEveryRank(tmp_path / "history.json")],  # the sizes too
+    )
+    pl_trainer.fit(model, loader(TensorData(x, y, NumpyNoise()), batch_size=11))
+    history = json.loads((tmp_path / "history.json").read_text())["history"]
+    assert history[0]["n"] == auto_sample_size(N, 0.1) == 19
+    assert history[1]["n"] == auto_sample_size(N, 0.1, history[0]["clean"]["acc"], 19)
+    assert [entry["clean"]["n"] for entry in history] == [entry["n"] for entry in history]  # each sample once
+    subset = sorted(seeded_permutation(list(range(N)), 0)[: history[1]["n"]])
+    expected = accuracy(model, x[subset], y[subset])  # single process, rank 0's final weights and buffers
+    assert float(pl_trainer.callback_metrics["evalguard/clean/acc"]) == pytest.approx(expected, abs=1e-6)
 
 
 @pytest.mark.parametrize("limit", [None, 0.5])

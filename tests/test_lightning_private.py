@@ -51,6 +51,8 @@ def test_result_collection_still_exposes_how_each_key_was_logged(tmp_path):
     assert seen["step_only"].on_epoch is False and seen["step_only"].on_step is True
     assert seen["epoch_too"].on_epoch is True
     assert seen["train_acc"].on_epoch is True and seen["train_acc"].fx == "training_step"
+    assert seen["epoch_too"].is_tensor is True  # a tensor: Lightning averages it over batches
+    assert seen["train_acc"].is_tensor is False  # a torchmetrics Metric object: its own compute()
 
 
 def test_distributed_sampler_wrapper_still_holds_the_users_sampler():

@@ -15,7 +15,16 @@ from torchmetrics import MetricCollection
 
 from lightning_evalguard import EvalGuard, EvalGuardWarning
 
-from helpers import Classifier, TensorData, Validates, loader, make_tensors, micro_accuracy, trainer
+from helpers import (
+    Classifier,
+    TensorData,
+    Validates,
+    loader,
+    macro_accuracy,
+    make_tensors,
+    micro_accuracy,
+    trainer,
+)
 
 
 def data(n: int = 40) -> Any:
@@ -286,3 +295,41 @@ def test_the_collection_the_module_logs_can_be_passed_as_it_is(tmp_path, prefix)
     assert float(pl_trainer.callback_metrics["evalguard/running/acc"]) == pytest.approx(running)
     clean = guard.history[-1]["clean"]["acc"]
     assert float(pl_trainer.callback_metrics["evalguard/gap/acc"]) == pytest.approx(clean - running)
+
+
+class LogsMacro(Classifier):
+    """Logs a macro-averaged accuracy as a per-batch tensor, or as the torchmetrics Metric object."""
+
+    def __init__(self, as_metric: bool) -> None:
+        super().__init__("linear")
+        self.as_metric = as_metric
+        self.train_macro = macro_accuracy()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        if self.as_metric:
+            self.train_macro(logits, y)
+            self.log("train_macro", self.train_macro, on_step=False, on_epoch=True)
+        else:
+            self.log("train_macro", macro_accuracy().to(x.device)(logits, y), on_step=False, on_epoch=True)
+        # a micro-averaged accuracy as a tensor: Lightning's batch-size-weighted mean is the epoch's accuracy
+        self.log("train_acc", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True)
+        return torch.nn.functional.cross_entropy(logits, y)
+
+
+def test_a_non_decomposable_running_metric_logged_as_a_tensor_warns_once_with_the_fix(tmp_path):
+    guard = EvalGuard({"macro": macro_accuracy(), "acc": micro_accuracy()})
+    with pytest.warns(EvalGuardWarning, match=r"'train_macro', which was logged as a tensor or number") as record:
+        trainer(tmp_path, max_epochs=3, callbacks=[guard]).fit(LogsMacro(as_metric=False), data())
+    messages = [str(w.message) for w in record if issubclass(w.category, EvalGuardWarning)]
+    assert len(messages) == 1  # once, and not for the micro-averaged accuracy logged the same way
+    assert "self.log('train_macro', self.<metric>, on_epoch=True)" in messages[0]
+
+
+def test_the_same_metric_logged_as_a_metric_object_gives_no_warning(tmp_path):
+    guard = EvalGuard({"macro": macro_accuracy(), "acc": micro_accuracy()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EvalGuardWarning)
+        trainer(tmp_path, max_epochs=2, callbacks=[guard]).fit(LogsMacro(as_metric=True), data())
+    assert "macro" in guard.history[-1]["running"]

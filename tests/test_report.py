@@ -107,17 +107,18 @@ def test_report_shows_validation_effects_several_prefixes_and_runs(tmp_path, cap
     ]
     assert "evalguard: acc" in out and "eg2: loaderA/acc" in out and "eg2: acc/3" in out
     rows = table_rows(out)
-    header = ["epoch", "running", "clean", "gap", "validation", "generalization"]
+    header = ["epoch", "running", "clean", "gap", "stderr", "validation", "generalization"]
     header += ["effect/train_mode", "effect/augmentation", "effect/weight_drift"]
     assert header in rows
     for epoch, (running, clean, gap, generalization, *effects) in SYNTHETIC.items():
         validation = f32(clean) - f32(generalization)
-        values = [running, clean, gap, validation, generalization, *effects]
+        values = [running, clean, gap, 0.01, validation, generalization, *effects]
         assert [str(epoch), *(format_value(f32(value)) for value in values)] in rows
     running, clean, _, generalization, train_mode, augmentation, drift = SYNTHETIC[1]
     effects = {"train_mode": f32(train_mode), "augmentation": f32(augmentation), "weight_drift": f32(drift)}
-    sentence = reading("acc", f32(running), f32(clean), effects, f32(clean) - f32(generalization))
+    sentence = reading("acc", f32(running), f32(clean), effects, f32(clean) - f32(generalization), f32(0.01))
     assert "of them come from augmentation" in sentence and "generalization gap" in sentence
+    assert "standard errors: real" in sentence  # a gap of several points against a standard error of 1 point
     assert f"reading at epoch 1: {sentence}" in out
     # the second prefix, with a name containing "/", and a metric without a running value
     assert ["1", "1.5000", "1.2500", "-0.2500"] in rows
@@ -126,7 +127,7 @@ def test_report_shows_validation_effects_several_prefixes_and_runs(tmp_path, cap
     assert f"reading at epoch 1: {reading('acc/3', None, 0.375)}" in out
     # run b has no epoch scalar: the step is shown instead
     assert ["step", "running", "clean", "gap"] in rows and ["7", "0.7500", "0.8750", "0.1250"] in rows
-    assert "pass_seconds" not in out and "stderr" not in out and "train_acc" not in out
+    assert "pass_seconds" not in out and "train_acc" not in out
 
 
 def test_parse_scalars_splits_prefix_group_and_slashed_names_and_derives_validation():

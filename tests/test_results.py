@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 
@@ -10,7 +11,9 @@ from lightning_evalguard.results import (
     Decomposition,
     Subset,
     binomial_stderr,
+    finite_population_correction,
     history_entry,
+    mean_stderr,
     result_groups,
     standard_errors,
 )
@@ -52,7 +55,32 @@ def test_binomial_stderr_clamps_the_proportion():
 
 def test_stderr_group_appears_only_when_there_are_standard_errors():
     assert "stderr" not in result_groups({"acc": 0.5}, {}, {}, stderr={})
-    assert result_groups({"acc": 0.5}, {}, {}, stderr={"acc": 0.1})["stderr"] == {"acc": 0.1}
+    assert "clean_low" not in result_groups({"acc": 0.5}, {}, {}, stderr={})
+    groups = result_groups({"acc": 0.5, "f1": 0.4}, {}, {}, stderr={"acc": 0.1})
+    assert groups["stderr"] == {"acc": 0.1}
+    assert groups["clean_low"] == {"acc": pytest.approx(0.3)} and groups["clean_high"] == {"acc": pytest.approx(0.7)}
+
+
+def test_the_finite_population_correction_shrinks_the_standard_error_of_a_subset():
+    assert finite_population_correction(32, 64) == pytest.approx(math.sqrt(32 / 63))
+    assert finite_population_correction(64, 64) == 0.0 and finite_population_correction(10, None) == 1.0
+    assert binomial_stderr(0.75, 48, 100) == pytest.approx(math.sqrt(0.75 * 0.25 / 48 * 52 / 99))
+    subsets = [Subset("a", 48, True, 100)]
+    clean = {"a/acc": 0.75}
+    assert standard_errors(clean, ["acc"], subsets) == {"a/acc": pytest.approx(binomial_stderr(0.75, 48, 100))}
+
+
+def test_the_standard_error_of_a_mean_of_per_sample_values():
+    values = [0.5, 2.0, 1.25, 3.0, 0.0]
+    count, total, squares = len(values), sum(values), sum(v * v for v in values)
+    expected = statistics.stdev(values) / math.sqrt(5)
+    assert mean_stderr(count, total, squares) == pytest.approx(expected)
+    assert mean_stderr(count, total, squares, 20) == pytest.approx(expected * math.sqrt(15 / 19))
+    assert mean_stderr(1, 2.0, 4.0) is None
+    clean = {"a/mse": total / count, "b/mse": 1.0}
+    moments = {"a/mse": (count, total, squares), "b/mse": (count, total, squares)}
+    subsets = [Subset("a", 5, True, 20), Subset("b", 5, False, 5)]
+    assert standard_errors(clean, [], subsets, moments) == {"a/mse": pytest.approx(expected * math.sqrt(15 / 19))}
 
 
 def test_a_history_entry_holds_every_group_as_a_new_dict():

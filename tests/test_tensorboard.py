@@ -19,7 +19,17 @@ from torch import nn
 
 from lightning_evalguard import EvalGuard
 
-from helpers import Classifier, NumpyNoise, TensorData, Validates, loader, macro_accuracy, make_tensors, trainer
+from helpers import (
+    Classifier,
+    NumpyNoise,
+    TensorData,
+    Validates,
+    loader,
+    macro_accuracy,
+    make_tensors,
+    micro_accuracy,
+    trainer,
+)
 
 
 def free_port() -> int:
@@ -91,13 +101,17 @@ def server_log(logdir: Path) -> str:
 def test_tensorboard_serves_the_custom_scalars_layout_and_tags(tensorboard_server):
     logdir, base = tensorboard_server
     x, y = make_tensors(40)
-    guard = EvalGuard({"acc": macro_accuracy()}, eval_transform=nn.Identity(), decompose=True)
+    metrics = {"acc": macro_accuracy(), "micro": micro_accuracy()}
+    guard = EvalGuard(
+        metrics, eval_transform=nn.Identity(), decompose=True, limit_batches=0.5, running={"micro": "train_acc"}
+    )
     logger = TensorBoardLogger(logdir, name="run")
     pl_trainer = trainer(logdir, max_epochs=2, callbacks=[guard], logger=logger)
     pl_trainer.fit(Validates("both"), loader(TensorData(x, y, NumpyNoise())), loader(TensorData(x, y), shuffle=False))
     run = "run/version_0"
 
     expected = {"evalguard/clean/acc", "evalguard/running/acc", "evalguard/gap/acc", "val_acc"}
+    expected |= {"evalguard/clean_low/micro", "evalguard/clean_high/micro"}  # a subset: the micro accuracy's band
 
     def served_tags() -> Any:  # the server reloads every second: wait until it has read the whole run
         tags = get(f"{base}/data/plugin/scalars/tags").get(run) or {}
@@ -111,7 +125,15 @@ def test_tensorboard_serves_the_custom_scalars_layout_and_tags(tensorboard_serve
     layout = wait_for(lambda: get(f"{base}/data/plugin/custom_scalars/layout"))
     (category,) = layout["category"]
     assert category["title"] == "evalguard"
-    charts = {chart["title"]: chart["multiline"]["tag"] for chart in category["chart"]}
+    charts = {chart["title"]: chart["multiline"]["tag"] for chart in category["chart"] if "multiline" in chart}
+    margins = {chart["title"]: chart["margin"]["series"] for chart in category["chart"] if "margin" in chart}
+    band = {
+        "value": "evalguard/clean/micro",
+        "lower": "evalguard/clean_low/micro",
+        "upper": "evalguard/clean_high/micro",
+    }
+    assert margins == {"micro: clean, 2 standard errors either side": [band]}  # no standard error for a macro average
+    assert set(band.values()) <= set(tags)
     assert charts["acc: running, clean, validation"] == [
         "^evalguard/running/acc$", "^evalguard/clean/acc$", "^val_acc$", "^val/acc$"
     ]  # fmt: skip
