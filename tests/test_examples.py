@@ -108,6 +108,37 @@ def test_cli_example_configures_evalguard_and_its_metrics_in_yaml(tmp_path, monk
     assert {"evalguard/clean/acc", "evalguard/running/acc", "evalguard/gap/acc"} <= set(events.Tags()["scalars"])
 
 
+def test_cli_takes_limit_batches_auto_and_target_stderr_from_yaml(tmp_path, monkeypatch):
+    monkeypatch.chdir(EXAMPLES.parent)
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    monkeypatch.setattr(sys, "argv", ["examples/cli.py"])
+    config = (EXAMPLES / "config.yaml").read_text()
+    assert "        limit_batches: 0.5\n" in config
+    config = config.replace(
+        "        limit_batches: 0.5\n", "        limit_batches: auto\n        target_stderr: 0.05\n"
+    )
+    (tmp_path / "auto.yaml").write_text(config)
+    args = ["fit", "--config", str(tmp_path / "auto.yaml"), "--trainer.max_epochs=1"]
+    args += [f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+    cli = load("cli").main(args)
+    (guard,) = [callback for callback in cli.trainer.callbacks if isinstance(callback, EvalGuard)]
+    assert (guard.limit_batches, guard.target_stderr) == ("auto", 0.05)
+    from lightning_evalguard.sampling import auto_sample_size
+
+    population = len(cli.datamodule.train_set)
+    assert guard.history[0]["n"] == auto_sample_size(population, 0.05) < population
+
+
+def test_auto_subset_benchmark_runs_and_reports_coverage(capsys):
+    spec = importlib.util.spec_from_file_location("bench_auto", EXAMPLES.parent / "benchmarks" / "auto_subset.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--quick", "--samples", "3000"])
+    out = capsys.readouterr().out
+    assert "total: auto" in out and out.count("), coverage ") == 2
+
+
 def test_label_noise_example_names_the_suspects_and_finds_flipped_labels(tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLES))  # as `python examples/label_noise.py` does, for `import digits`
     label_noise = load("label_noise")
