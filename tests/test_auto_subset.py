@@ -161,3 +161,17 @@ def test_auto_keeps_training_bit_identical(tmp_path):
             {"acc": micro_accuracy()}, eval_transform=nn.Identity(), limit_batches="auto", target_stderr=0.1
         ),
     )
+
+
+def test_auto_over_an_iterable_training_set_fails_before_training(tmp_path):
+    from torch.utils.data import DataLoader, IterableDataset
+
+    x, y = make_tensors(32)
+
+    class Stream(IterableDataset):
+        def __iter__(self) -> Any:
+            return iter(zip(x, y, strict=True))
+
+    guard = EvalGuard({"acc": micro_accuracy()}, limit_batches="auto")
+    with pytest.raises(ValueError, match=r"IterableDataset.*\(limit_batches='auto'\).*int `limit_batches=`"):
+        trainer(tmp_path, callbacks=[guard]).fit(NoTraining("linear"), DataLoader(Stream(), batch_size=8))
