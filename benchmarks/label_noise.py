@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -110,6 +111,7 @@ def run(rate: float, seed: int, epochs: int, track: bool) -> dict[str, Any]:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        default_root_dir=tempfile.mkdtemp(prefix="label_noise-"),  # samples.csv goes there, not into the cwd
     )
     train = DataLoader(data.train_set, batch_size=64, shuffle=True)
     val = DataLoader(data.val_set, batch_size=256)

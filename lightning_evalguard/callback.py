@@ -292,7 +292,7 @@ class EvalGuard(Callback, _StandaloneCallback):
         bands = [
             join_key(source.name, name)
             for source in sources
-            if source.sampled
+            if source.sampled or self.limit_batches == "auto"  # an "auto" subset may cover all at first, not later
             for name, info in infos.items()
             if info.stderr is not None
         ]
@@ -390,7 +390,7 @@ class EvalGuard(Callback, _StandaloneCallback):
         self.history = copy.deepcopy(list(state_dict.get("history", [])))
         subsets = dict(state_dict.get("subsets", {}))
         self._data.subsets = {str(key): [int(index) for index in indices] for key, indices in subsets.items()}
-        autos = dict(state_dict.get("auto_subsets", {}))
+        autos = dict(state_dict.get("auto_subsets", {})) if self.limit_batches == "auto" else {}  # else: not ours
         self._data.autos = {str(key): AutoSubset.from_state_dict(auto) for key, auto in autos.items()}
         if self._tracker is not None and "samples" in state_dict:
             self._tracker.stats = SampleStats.from_state_dict(state_dict["samples"])
@@ -441,6 +441,13 @@ class EvalGuard(Callback, _StandaloneCallback):
                 for source in self._data.sources or []
             ]
             stderr = standard_errors(clean, self._accuracies, subsets, self._passes.moments)
+            for name in self._passes.moments.keys() - stderr.keys():
+                self._warn_once(
+                    f"rows:{name}",
+                    f"EvalGuard logs no standard error for {name!r}: its preds did not have one row per sample of the"
+                    " subset (flattened or reshaped by `forward`?), so the spread of its per-sample errors is unknown."
+                    " Return preds of shape (B, ...) with B the batch's number of samples.",
+                )
             self._data.record_pass(clean, self._accuracies)  # sizes the next "auto" subset
         groups = result_groups(clean, running, validation, decomposition, stderr)
         if self._tracker is not None and self._passes.samples_logged:

@@ -131,7 +131,7 @@ def per_sample_values(metric: Metric, preds: Any, target: Any) -> torch.Tensor |
     if not isinstance(preds, torch.Tensor) or not isinstance(target, torch.Tensor) or preds.ndim == 0:
         return None
     count = preds.shape[0]
-    if target.numel() != preds.numel():
+    if count == 0 or target.numel() != preds.numel():
         return None
     dtype = torch.float32 if preds.device.type == "mps" else torch.float64  # MPS has no float64
     difference = preds.reshape(count, -1).to(dtype) - target.reshape(count, -1).to(dtype)
@@ -208,9 +208,10 @@ class MetricInfo(NamedTuple):
         stderr: How its standard error on a random subset is estimated: ``"binomial"`` for a micro-averaged
             accuracy, ``"samples"`` for a mean of per-sample values, None for any other metric (none is logged).
         decomposable: Whether its value over an epoch equals Lightning's batch-size-weighted mean of its per-batch
-            values: True for micro-averaged accuracies and torchmetrics' means of per-sample (per-element) errors,
-            False for torchmetrics' other metrics (F1, macro averages, AUROC, precision, recall, RMSE, ...), None
-            for a metric EvalGuard does not know (your own ``Metric`` subclass).
+            values: True for micro-averaged accuracies and torchmetrics' means of per-sample (per-element) errors;
+            False for torchmetrics' metrics known not to be (macro and weighted averages over classes, binary and
+            multilabel F1, precision and recall, AUROC, correlations, RMSE, ...); None when EvalGuard does not know
+            (your own ``Metric`` subclass, other torchmetrics metrics): then nothing is warned about.
     """
 
     bounded: bool
@@ -227,16 +228,52 @@ _MEAN_OF_ELEMENTS = (
     "LogCoshError",
 )
 
+#: Parts of the names of torchmetrics' metrics that are not a mean over samples: ratios of counts pooled over the
+#: epoch (binary and multilabel F1, precision, recall, ...), rankings (AUROC, average precision) and correlations.
+#: A multiclass one with ``average="micro"`` is the accuracy, which is a mean.
+_NOT_MEANS = (
+    "F1Score",
+    "FBetaScore",
+    "Precision",
+    "Recall",
+    "Specificity",
+    "NegativePredictiveValue",
+    "AUROC",
+    "JaccardIndex",
+    "Dice",
+    "MatthewsCorrCoef",
+    "CohenKappa",
+    "CalibrationError",
+    "R2Score",
+    "PearsonCorrCoef",
+    "SpearmanCorrCoef",
+    "KendallRankCorrCoef",
+    "ConcordanceCorrCoef",
+    "ExplainedVariance",
+)
+
 
 def _decomposable(metric: Metric, stderr: StderrKind | None) -> bool | None:
+    # True: a mean over samples; False: torchmetrics says otherwise; None: not known (then nothing is warned about).
     if stderr is not None:
         return True
     module = type(metric).__module__ or ""
-    if not module.startswith("torchmetrics.") or module.startswith("torchmetrics.aggregation"):
-        return None  # a metric of the user's, or an aggregation of whatever it is given: unknown
-    if type(metric).__name__ in _MEAN_OF_ELEMENTS and int(getattr(metric, "num_outputs", 1) or 1) == 1:
+    if not module.startswith("torchmetrics."):
+        return None  # a metric of the user's: unknown
+    name = type(metric).__name__
+    if name.startswith("Multiclass"):
+        average = getattr(metric, "average", "micro")
+        if average in ("macro", "weighted"):
+            return False  # a mean over classes of per-class ratios
+        if average == "micro":
+            return None  # F1, precision and recall micro-averaged over single-label samples are the accuracy
+    if any(part in name for part in _NOT_MEANS):
+        return False
+    if name == "MeanSquaredError" and not getattr(metric, "squared", True):
+        return False  # RMSE: the root of a mean
+    if name in _MEAN_OF_ELEMENTS and int(getattr(metric, "num_outputs", 1) or 1) == 1:
         return True
-    return False
+    return None
 
 
 def metric_info(metric: Metric) -> MetricInfo:

@@ -97,7 +97,7 @@ class References:
                 continue
             values[name] = value
             logged = flags.get(key) or flags.get(key.removesuffix("_epoch"))
-            if logged is not None and logged.on_epoch and logged.is_tensor:
+            if logged is not None and logged.on_epoch and logged.is_tensor and _per_batch(logged.fx):
                 if name in non_decomposable:
                     warn(
                         f"definition:{name}",
@@ -169,6 +169,26 @@ class References:
     def forget(self) -> None:
         """Drop what was read (a new fit starts)."""
         self._read = {}
+
+
+#: The hooks Lightning runs once per training batch: a value logged there with on_epoch=True is averaged over batches.
+_BATCH_HOOKS = frozenset(
+    {
+        "training_step",
+        "on_train_batch_start",
+        "on_train_batch_end",
+        "on_before_backward",
+        "on_after_backward",
+        "on_before_optimizer_step",
+        "on_before_zero_grad",
+        "optimizer_step",
+    }
+)
+
+
+def _per_batch(fx: str) -> bool:
+    # Lightning names a callback's hook "Callback.<hook>" or "<state key>.<hook>", a module's "<hook>".
+    return fx.rsplit(".", 1)[-1] in _BATCH_HOOKS
 
 
 def _same(a: float, b: float | None) -> bool:

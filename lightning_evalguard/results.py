@@ -11,6 +11,7 @@ from lightning_evalguard.metrics import join_key
 __all__ = [
     "Decomposition",
     "Subset",
+    "accuracy_stderr",
     "binomial_stderr",
     "finite_population_correction",
     "history_entry",
@@ -83,6 +84,27 @@ def binomial_stderr(p: float, n: int, population: int | None = None) -> float:
     return math.sqrt(p * (1.0 - p) / n) * finite_population_correction(n, population)
 
 
+def accuracy_stderr(p: float, n: int, population: int | None = None) -> float:
+    """The standard error EvalGuard logs for an accuracy ``p`` measured on ``n`` of ``population`` samples.
+
+    :func:`binomial_stderr`, except when every sample was right (or every one wrong): the plug-in value is then 0,
+    and the Agresti-Coull one is given instead, sqrt(p~ (1 - p~) / (n + 4)) with p~ = (p n + 2) / (n + 4), times the
+    finite-population correction, so that the band around the clean value never has zero width on a subset.
+
+    Args:
+        p: The accuracy.
+        n: The number of samples (> 0).
+        population: The samples they were drawn from without replacement, or None.
+
+    Returns:
+        The standard error.
+    """
+    if 0.0 < p < 1.0:
+        return binomial_stderr(p, n, population)
+    adjusted = (min(max(p, 0.0), 1.0) * n + 2.0) / (n + 4.0)
+    return math.sqrt(adjusted * (1.0 - adjusted) / (n + 4.0)) * finite_population_correction(n, population)
+
+
 def mean_stderr(count: float, total: float, squares: float, population: int | None = None) -> float | None:
     """The standard error of a mean of per-sample values: s / sqrt(n), s their sample standard deviation.
 
@@ -112,9 +134,10 @@ def standard_errors(
 ) -> dict[str, float]:
     """The standard error of each clean value measured on a random subset, where EvalGuard can estimate one.
 
-    Micro-averaged accuracies get the binomial standard error, means of per-sample values (``moments``) the sample
-    standard deviation over sqrt(n); both with the finite-population correction when the subset's population is
-    known. A whole pass has no sampling error: nothing is returned for it.
+    Micro-averaged accuracies get the binomial standard error (:func:`accuracy_stderr`), means of per-sample values
+    (``moments``) the sample standard deviation over sqrt(n), when there is one value per sample of the subset; both
+    with the finite-population correction when the subset's population is known. A whole pass has no sampling
+    error: nothing is returned for it.
 
     Args:
         clean: The clean values by logged name (``<loader>/<metric>`` with several loaders).
@@ -134,10 +157,12 @@ def standard_errors(
             continue
         for name in names:
             key = join_key(subset.name, name)
-            if key in clean:
-                stderr[key] = binomial_stderr(clean[key], subset.total_samples, subset.population)
+            if key in clean and not math.isnan(clean[key]):
+                stderr[key] = accuracy_stderr(clean[key], subset.total_samples, subset.population)
         for key, (count, total, squares) in moments.items():
-            if key in clean and (subset.name is None or key.startswith(f"{subset.name}/")):
+            if key not in clean or not (subset.name is None or key.startswith(f"{subset.name}/")):
+                continue
+            if round(count) == subset.total_samples:  # else the preds' rows are not the samples (e.g. flattened)
                 value = mean_stderr(count, total, squares, subset.population)
                 if value is not None:
                     stderr[key] = value

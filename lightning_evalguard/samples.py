@@ -42,6 +42,7 @@ FIELDS = (
     "forgetting",
     "first_learned",
     "last_prediction",
+    "seen",
 )
 
 ScoreFn = Callable[[Any, Any], torch.Tensor]
@@ -294,6 +295,8 @@ class SampleStats:
         forgetting: Number of passes predicted wrong after a pass predicted right.
         first_learned: The epoch of the first pass that predicted it right, -1 if none.
         last_prediction: The last pass's predicted label.
+        seen: The number of passes that evaluated the sample: ``passes`` unless the subset changes between passes
+            (``limit_batches="auto"``); the means and ``correct`` are over these passes.
     """
 
     def __init__(self, scored: bool = False) -> None:
@@ -333,6 +336,11 @@ class SampleStats:
     def __len__(self) -> int:
         """The number of tracked samples."""
         return int(self.indices.numel())
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """The number of passes that evaluated each sample."""
+        return self._seen
 
     @property
     def mean_margin(self) -> torch.Tensor:
@@ -652,10 +660,10 @@ def read_csv(path: str | Path) -> dict[str, Any]:
     """
     with Path(path).open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    integers = {"indices", "targets", "correct", "forgetting", "first_learned", "last_prediction"}
+    integers = {"indices", "targets", "correct", "forgetting", "first_learned", "last_prediction", "seen"}
     fields: dict[str, Any] = {"passes": int(rows[0]["passes"]) if rows and "passes" in rows[0] else 0}
     for name in FIELDS:
-        values = [row[name] for row in rows]
+        values = [row.get(name, fields["passes"]) for row in rows]  # a file without "seen": every pass saw them
         if name in integers:
             fields[name] = torch.tensor([int(value) for value in values], dtype=torch.long)
         else:
@@ -691,7 +699,8 @@ def draw_data_map(stats: SampleStats | Mapping[str, Any], path: str | Path, k: i
     canvas = FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     variability, confidence = fields["variability"], fields["confidence"]
-    fraction = (fields["correct"].double() / max(passes, 1)).numpy()
+    seen = fields["seen"].double() if "seen" in fields else torch.full((count,), float(passes))
+    fraction = (fields["correct"].double() / seen.clamp(min=1)).numpy()
     points = axes.scatter(variability.numpy(), confidence.numpy(), c=fraction, cmap="viridis", vmin=0, vmax=1, s=12)
     figure.colorbar(points, ax=axes, label="fraction of passes predicted right")
     suspects = suspects_of(fields, k)

@@ -186,6 +186,10 @@ class AutoSubset:
     def next_indices(self, target_stderr: float) -> list[int]:
         """The sorted dataset indices of the next pass: the prefix of the size :func:`auto_sample_size` gives.
 
+        A subset shrinks by at most half from one pass to the next (it may grow by any amount). Near an accuracy
+        of 1 the sizes would otherwise swing: a large pass that got everything right sizes a handful, whose weak
+        estimate sizes a large one again.
+
         Args:
             target_stderr: The standard error to reach.
 
@@ -193,6 +197,8 @@ class AutoSubset:
             Sorted indices.
         """
         size = auto_sample_size(len(self.permutation), target_stderr, self.p, self.n)
+        if self.n:  # shrink by at most half a pass: a small subset's estimate would size the next one large again
+            size = min(max(size, math.ceil(self.n / 2)), len(self.permutation))
         return sorted(self.permutation[:size])
 
     def state_dict(self) -> dict[str, Any]:

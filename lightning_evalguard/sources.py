@@ -676,6 +676,8 @@ class CleanData:
         Args:
             trainer: The Trainer.
         """
+        if self.options.limit_batches != "auto":
+            return
         for source in self.sources or []:
             auto = self.autos.get(source.name or "")
             if auto is not None and source.mechanism == "rebuilt" and source.order is not None:
@@ -691,7 +693,8 @@ class CleanData:
         """
         for source in self.sources or []:
             auto = self.autos.get(source.name or "")
-            values = [clean[key] for name in accuracies if (key := join_key(source.name, name)) in clean]
+            keys = [join_key(source.name, name) for name in accuracies]
+            values = [clean[key] for key in keys if key in clean and not math.isnan(clean[key])]
             if auto is not None and values and source.total_samples:
                 auto.p = max(values, key=lambda value: value * (1.0 - value))
                 auto.n = source.total_samples

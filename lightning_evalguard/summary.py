@@ -94,6 +94,8 @@ def reading(
 
     if running is None:
         sentence = f"clean {name} is {format_value(clean)}; no running {name} was found to compare with"
+    elif math.isnan(clean) or math.isnan(running):
+        sentence = f"running {name} is {format_value(running)} and clean {name} {format_value(clean)}: no gap to read"
     else:
         gap = clean - running
         if _negligible(gap, clean, running, points):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -11,11 +12,13 @@ import torch
 from torch import nn
 
 from lightning_evalguard import EvalGuard
-from lightning_evalguard.results import binomial_stderr
+from lightning_evalguard.results import accuracy_stderr, binomial_stderr
 from lightning_evalguard.sampling import AutoSubset, auto_sample_size, fixed_subset, seeded_permutation
+from lightning_evalguard.summary import reading
 
 from helpers import (
     Classifier,
+    CountSamples,
     NoTraining,
     TensorData,
     accuracy,
@@ -85,7 +88,8 @@ def test_each_pass_is_sized_from_the_last_and_its_value_is_exact(tmp_path):
     sizes = [entry["n"] for entry in guard.history]
     assert sizes[0] == auto_sample_size(400, 0.05) == 81
     for before, entry in zip(guard.history, guard.history[1:], strict=False):
-        assert entry["n"] == auto_sample_size(400, 0.05, before["clean"]["acc"], before["n"])
+        sized = auto_sample_size(400, 0.05, before["clean"]["acc"], before["n"])
+        assert entry["n"] == max(sized, math.ceil(before["n"] / 2))  # shrinking by half at most
     for entry, expected in zip(guard.history, exact.expected, strict=True):
         assert entry["clean"]["acc"] == pytest.approx(expected, abs=1e-6)
         assert entry["stderr"]["acc"] == pytest.approx(binomial_stderr(entry["clean"]["acc"], entry["n"], 400))
@@ -111,7 +115,9 @@ def test_a_resumed_run_continues_with_the_same_permutation_and_sizes(tmp_path):
     resumed = run(3, ckpt_path=tmp_path / "two.ckpt")
     last, before = resumed.history[-1], resumed.history[-2]
     assert len(resumed.history) == 3 and before == first.history[-1]
-    assert last["n"] == auto_sample_size(400, 0.04, before["clean"]["acc"], before["n"])
+    assert last["n"] == max(
+        auto_sample_size(400, 0.04, before["clean"]["acc"], before["n"]), math.ceil(before["n"] / 2)
+    )
 
 
 def test_a_full_sized_subset_is_a_whole_pass_without_standard_error(tmp_path):
@@ -175,3 +181,48 @@ def test_auto_over_an_iterable_training_set_fails_before_training(tmp_path):
     guard = EvalGuard({"acc": micro_accuracy()}, limit_batches="auto")
     with pytest.raises(ValueError, match=r"IterableDataset.*\(limit_batches='auto'\).*int `limit_batches=`"):
         trainer(tmp_path, callbacks=[guard]).fit(NoTraining("linear"), DataLoader(Stream(), batch_size=8))
+
+
+def test_the_auto_state_of_a_checkpoint_does_not_take_over_a_run_without_auto(tmp_path):
+    x, y = make_tensors(400)
+    auto = EvalGuard({"acc": micro_accuracy()}, limit_batches="auto", target_stderr=0.05)
+    first = trainer(tmp_path, max_epochs=1, callbacks=[auto], enable_checkpointing=True)
+    first.fit(Classifier("linear"), loader(TensorData(x, y)))
+    first.save_checkpoint(tmp_path / "auto.ckpt")
+    for limit, expected in ((None, 400), (0.5, 200)):
+        guard = EvalGuard({"acc": micro_accuracy(), "n": CountSamples()}, limit_batches=limit)
+        again = trainer(tmp_path, max_epochs=2, callbacks=[guard], enable_checkpointing=True)
+        again.fit(Classifier("linear"), loader(TensorData(x, y)), ckpt_path=tmp_path / "auto.ckpt")
+        assert guard.history[-1]["clean"]["n"] == expected
+        assert "auto_subsets" not in guard.state_dict()
+
+
+def test_near_an_accuracy_of_one_the_sizes_shrink_by_half_at_most_and_the_error_bar_stays_open():
+    auto = AutoSubset(seeded_permutation(list(range(50_000)), 0))
+    sizes = []
+    for _ in range(12):  # every pass gets every sample right
+        sizes.append(len(auto.next_indices(0.005)))
+        auto.p, auto.n = 1.0, sizes[-1]
+    assert sizes[0] == 8_334
+    assert all(later >= (earlier + 1) // 2 for earlier, later in itertools.pairwise(sizes))
+    assert max(sizes[6:]) <= 2 * min(sizes[6:])  # settled, no swing between a handful and thousands
+    stderr = accuracy_stderr(1.0, sizes[-1], 50_000)
+    assert 0.0 < stderr < 0.02  # Agresti-Coull instead of the plug-in 0
+    assert accuracy_stderr(0.9, 100, 1000) == binomial_stderr(0.9, 100, 1000)
+    assert "standard errors: real" in reading("acc", 0.8, 1.0, stderr=stderr)
+
+
+def test_tracked_samples_of_auto_subsets_count_the_passes_that_saw_them(tmp_path):
+    x, y = make_tensors(400)
+    guard = EvalGuard(
+        {"acc": micro_accuracy()}, limit_batches="auto", target_stderr=0.04, track_samples=True, print_summary=False
+    )
+    trainer(tmp_path, max_epochs=3, callbacks=[guard]).fit(Classifier("linear"), loader(TensorData(x, y)))
+    stats = guard.samples
+    assert stats is not None and stats.passes == 3
+    permutation = seeded_permutation(list(range(400)), 0)
+    subsets = [set(permutation[: entry["n"]]) for entry in guard.history]
+    assert stats.indices.tolist() == sorted(set().union(*subsets))
+    expected = [sum(index in subset for subset in subsets) for index in stats.indices.tolist()]
+    assert stats.seen.tolist() == expected and stats.to_dict()["seen"].tolist() == expected
+    assert bool((stats.correct <= stats.seen).all())

@@ -448,3 +448,31 @@ def test_a_dict_with_its_own_to_method_is_copied_and_sized_like_a_dict():
     assert type(copied) is Encoding
     copied["input_ids"].add_(1)
     assert batch["input_ids"].sum() == 0
+
+
+@pytest.mark.filterwarnings("ignore:EvalGuard found no running metric")
+def test_flattened_regression_outputs_get_no_standard_error_and_one_warning(tmp_path):
+    from torchmetrics.regression import MeanSquaredError
+
+    from lightning_evalguard import EvalGuardWarning
+
+    def flattened(module: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        preds, target = regression_forward(module, batch)
+        return preds.reshape(-1), target.reshape(-1)  # two rows per sample: their spread is not the samples'
+
+    x, y = make_tensors(60)
+    guard = EvalGuard({"mse": MeanSquaredError()}, limit_batches=0.5, forward=flattened)
+    with pytest.warns(EvalGuardWarning, match=r"no standard error for 'mse'.*one row per sample") as record:
+        trainer(tmp_path, max_epochs=2, callbacks=[guard]).fit(Classifier("linear"), loader(TensorData(x, y)))
+    assert sum("no standard error" in str(w.message) for w in record) == 1
+    assert all("stderr" not in entry for entry in guard.history)
+
+
+def test_an_empty_batch_has_no_per_sample_values():
+    from torchmetrics.regression import MeanSquaredError
+
+    from lightning_evalguard.metrics import per_sample_values
+
+    assert per_sample_values(MeanSquaredError(), torch.zeros(0), torch.zeros(0)) is None
+    values = per_sample_values(MeanSquaredError(), torch.tensor([[1.0, 3.0]]), torch.tensor([[0.0, 0.0]]))
+    assert values is not None and values.tolist() == [5.0]

@@ -131,7 +131,7 @@ def test_ddp_auto_subsets_are_the_same_on_every_rank_and_exact(tmp_path):
     pl_trainer.fit(model, loader(TensorData(x, y, NumpyNoise()), batch_size=11))
     history = json.loads((tmp_path / "history.json").read_text())["history"]
     assert history[0]["n"] == auto_sample_size(N, 0.1) == 19
-    assert history[1]["n"] == auto_sample_size(N, 0.1, history[0]["clean"]["acc"], 19)
+    assert history[1]["n"] == max(auto_sample_size(N, 0.1, history[0]["clean"]["acc"], 19), 10)  # half at most
     assert [entry["clean"]["n"] for entry in history] == [entry["n"] for entry in history]  # each sample once
     subset = sorted(seeded_permutation(list(range(N)), 0)[: history[1]["n"]])
     expected = accuracy(model, x[subset], y[subset])  # single process, rank 0's final weights and buffers

@@ -6,6 +6,7 @@ import warnings
 from typing import Any
 from unittest.mock import Mock
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -332,4 +333,27 @@ def test_the_same_metric_logged_as_a_metric_object_gives_no_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", EvalGuardWarning)
         trainer(tmp_path, max_epochs=2, callbacks=[guard]).fit(LogsMacro(as_metric=True), data())
+    assert "macro" in guard.history[-1]["running"]
+
+
+class LogsMacroAtEpochEnd(pl.Callback):
+    """Computes a macro accuracy over the epoch and logs it as a tensor in on_train_epoch_end, before EvalGuard."""
+
+    def __init__(self) -> None:
+        self.macro = macro_accuracy()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        with torch.no_grad():
+            self.macro.update(pl_module(batch[0]), batch[1])
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        pl_module.log("train_macro", self.macro.compute(), on_epoch=True)  # one value: Lightning averages nothing
+        self.macro.reset()
+
+
+def test_a_metric_computed_over_the_epoch_and_logged_as_a_tensor_at_its_end_gives_no_warning(tmp_path):
+    guard = EvalGuard({"macro": macro_accuracy(), "acc": micro_accuracy()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EvalGuardWarning)
+        trainer(tmp_path, max_epochs=2, callbacks=[LogsMacroAtEpochEnd(), guard]).fit(Logs("train_acc"), data())
     assert "macro" in guard.history[-1]["running"]

@@ -181,3 +181,23 @@ def test_a_subclass_of_the_tensorboard_logger_gets_the_dashboard(tmp_path):
     events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
     events.Reload()
     assert "custom_scalars__config__" in events.Tags()["tensors"]
+
+
+def test_an_auto_subset_gets_the_band_chart_even_when_its_first_pass_covers_everything(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    x, y = make_tensors(40)  # so few samples that target_stderr=0.005 needs them all at first
+    guard = EvalGuard({"acc": micro_accuracy()}, limit_batches="auto")
+    logger = TensorBoardLogger(tmp_path, name="run")
+    trainer(tmp_path, max_epochs=1, callbacks=[guard], logger=logger).fit(
+        Classifier("linear"), loader(TensorData(x, y))
+    )
+    assert guard.history[0]["n"] == 40
+    events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    (event,) = events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(event.tensor_proto.string_val[0])
+    titles = [chart.title for category in layout.category for chart in category.chart]
+    assert "acc: clean, 2 standard errors either side" in titles

@@ -74,3 +74,7 @@ def test_the_end_of_fit_summary_words_a_subset_gap_against_its_standard_error(tm
     gap, stderr = last["gap"]["acc"], last["stderr"]["acc"]
     verdict = "real" if abs(gap) > 2 * stderr else "within the subset's noise"
     assert f"{abs(gap) / stderr:.1f} standard errors" in out and verdict in out
+
+
+def test_a_nan_value_reads_as_no_gap():
+    assert reading("acc", float("nan"), 0.8, info=ACCURACY) == "running acc is - and clean acc 0.8000: no gap to read."
