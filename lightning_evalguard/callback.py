@@ -35,6 +35,7 @@ from lightning_evalguard.summary import (
     summary_rows,
     summary_text,
     tensorboard_layout,
+    write_metric_info,
     write_tensorboard_layout,
 )
 
@@ -298,6 +299,7 @@ class EvalGuard(Callback, _StandaloneCallback):
         ]
         layout = tensorboard_layout(self.prefix, names, validation_keys, self.decompose, bands)
         write_tensorboard_layout(trainer, layout)
+        write_metric_info(trainer, self.prefix, self._infos)  # evalguard report words the gaps with it
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

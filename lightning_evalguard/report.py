@@ -20,14 +20,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_evalguard.metrics import MetricInfo
 from lightning_evalguard.samples import draw_data_map, read_csv, suspects_of
-from lightning_evalguard.summary import EFFECT_LABELS, format_value, reading
+from lightning_evalguard.summary import EFFECT_LABELS, METRIC_INFO_TAG, format_value, read_metric_info, reading
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -83,11 +84,13 @@ class MetricLog:
         prefix: The instance's prefix (``"evalguard"`` by default).
         name: The metric name, which may contain ``/`` (``"loaderA/acc"``, ``"acc/3"``).
         rows: One row per evaluated epoch, by step.
+        info: What EvalGuard wrote of the metric (bounds, ``higher_is_better``), when the run has it.
     """
 
     prefix: str
     name: str
     rows: tuple[EpochRow, ...]
+    info: MetricInfo | None = None
 
     @property
     def x_label(self) -> str:
@@ -150,12 +153,25 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     Returns:
         ``{tag: [(step, value), ...]}``, tags in the order they were first written.
     """
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    return _read(run_dir)[0]
+
+
+def _read(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, dict[str, MetricInfo]]]:
+    # The scalars, and per prefix the metric infos EvalGuard wrote as text (``<prefix>/metric_info``).
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
     accumulator.Reload()
-    return {
+    scalars = {
         tag: [(int(event.step), float(event.value)) for event in accumulator.Scalars(tag)]
         for tag in accumulator.Tags()["scalars"]
     }
+    suffix = f"{METRIC_INFO_TAG}/text_summary"
+    infos: dict[str, dict[str, MetricInfo]] = {}
+    for tag in accumulator.Tags().get("tensors", []):
+        if tag == suffix or tag.endswith("/" + suffix):
+            values = accumulator.Tensors(tag)[-1].tensor_proto.string_val
+            if values:
+                infos[tag[: -len(suffix)].rstrip("/")] = read_metric_info(values[0].decode("utf-8", "replace"))
+    return scalars, infos
 
 
 def _split_tag(tag: str, prefix: str) -> tuple[str, str] | None:
@@ -230,8 +246,10 @@ def load_runs(logdir: str | Path) -> list[RunLog]:
     runs = []
     other_tags: dict[str, None] = {}
     for run_dir in run_dirs:
-        scalars = read_scalars(run_dir)
-        metrics = parse_scalars(scalars)
+        scalars, infos = _read(run_dir)
+        metrics = tuple(
+            replace(metric, info=infos.get(metric.prefix, {}).get(metric.name)) for metric in parse_scalars(scalars)
+        )
         if metrics:
             samples = run_dir / "samples.csv"
             path = run_dir.relative_to(root).as_posix()
@@ -275,6 +293,7 @@ def render_metric(metric: MetricLog) -> str:
         effects or None,
         last.values.get("validation"),
         last.values.get("stderr"),
+        metric.info,
     )
     lines.append(f"reading at {metric.x_label} {metric.x(last)}: {sentence}")
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -17,13 +18,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EFFECT_LABELS",
+    "METRIC_INFO_TAG",
     "format_value",
     "print_summary",
+    "read_metric_info",
     "reading",
     "render_summary",
     "summary_rows",
     "summary_text",
     "tensorboard_layout",
+    "write_metric_info",
     "write_tensorboard_layout",
 ]
 
@@ -300,6 +304,56 @@ def write_tensorboard_layout(trainer: pl.Trainer, layout: Any) -> None:
         writer: Any = getattr(logger, "experiment", None)
         if hasattr(writer, "add_custom_scalars"):
             writer.add_custom_scalars(layout)
+
+
+#: The text tag, under the prefix, that holds what EvalGuard knows of each metric (read back by ``evalguard report``).
+METRIC_INFO_TAG = "metric_info"
+
+
+def write_metric_info(trainer: pl.Trainer, prefix: str, infos: Mapping[str, MetricInfo]) -> None:
+    """Write each metric's bounds and ``higher_is_better`` as a text summary to every TensorBoardLogger (rank zero).
+
+    ``evalguard report`` reads it back to word the gaps as the end-of-fit summary does. The text tag is
+    ``<prefix>/metric_info``, a JSON object ``{name: {"bounded": bool, "higher_is_better": bool | null}}``.
+
+    Args:
+        trainer: The Trainer.
+        prefix: EvalGuard's key prefix.
+        infos: What torchmetrics says of each metric, by logged name.
+    """
+    if not trainer.is_global_zero or not infos:
+        return
+    text = json.dumps(
+        {name: {"bounded": info.bounded, "higher_is_better": info.higher_is_better} for name, info in infos.items()}
+    )
+    tag = "/".join(part for part in (prefix, METRIC_INFO_TAG) if part)
+    for logger in trainer.loggers:
+        writer: Any = getattr(logger, "experiment", None) if _is_tensorboard_logger(logger) else None
+        if hasattr(writer, "add_text"):
+            writer.add_text(tag, text, 0)
+
+
+def read_metric_info(text: str) -> dict[str, MetricInfo]:
+    """Parse what :func:`write_metric_info` wrote.
+
+    Args:
+        text: The JSON text.
+
+    Returns:
+        ``{name: MetricInfo}`` (without standard-error kinds); empty when the text is not such an object.
+    """
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    infos: dict[str, MetricInfo] = {}
+    for name, value in raw.items():
+        if isinstance(value, dict):
+            higher = value.get("higher_is_better")
+            infos[str(name)] = MetricInfo(bool(value.get("bounded")), None if higher is None else bool(higher), None)
+    return infos
 
 
 def add_image(trainer: pl.Trainer, tag: str, image: Any, step: int) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard import SummaryWriter
 from torchmetrics.classification import MulticlassAccuracy
@@ -261,3 +262,39 @@ def test_the_report_lists_the_suspects_of_a_run_that_tracked_samples_and_draws_i
     assert listed == [row["indices"] for row in guard.samples.suspects(3)]
     data_map = tmp_path / "report-data_map.png"
     assert data_map.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}, {data_map}" in out
+
+
+def test_the_report_words_a_gap_with_the_metric_info_the_fit_wrote(tmp_path, capsys):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torchmetrics.regression import MeanSquaredError
+
+    def small(module: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = 0.1 * module(batch[0])[:, :1]
+        return outputs, torch.zeros_like(outputs)  # an MSE well inside [0, 1], which is not a fraction
+
+    class LogsMSE(Classifier):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            preds, target = small(self, batch)
+            self.log("train_mse", (preds - target).square().mean(), on_step=False, on_epoch=True)
+            return super().training_step(batch, batch_idx)
+
+    x, y = make_tensors(40)
+    guard = EvalGuard({"mse": MeanSquaredError()}, forward=small, print_summary=False)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    trainer(tmp_path, max_epochs=2, callbacks=[guard], logger=logger).fit(LogsMSE("both"), loader(TensorData(x, y)))
+    assert main(["report", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    last = guard.history[-1]
+    assert 0.0 < last["clean"]["mse"] < 1.0
+    (line,) = [line for line in out.splitlines() if line.startswith("reading at epoch 1")]
+    assert "points" not in line and "the error by" in line
+    assert line.endswith(reading("mse", f32(last["running"]["mse"]), f32(last["clean"]["mse"]), info=guard_info()))
+
+
+def guard_info() -> Any:
+    from torchmetrics.regression import MeanSquaredError
+
+    from lightning_evalguard.metrics import metric_info
+
+    info = metric_info(MeanSquaredError())
+    return info._replace(stderr=None, decomposable=None)
