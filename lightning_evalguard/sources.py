@@ -182,11 +182,36 @@ def resolve_batch_size(train_loader: Any, batch_size: int | None) -> int:
     if found is None:
         found = getattr(getattr(train_loader, "batch_sampler", None), "batch_size", None)
     if not isinstance(found, int) or found < 1:
+        if getattr(train_loader, "batch_sampler", None) is None:
+            raise ValueError(
+                "EvalGuard cannot read a batch size from the training DataLoader: it has batch_size=None (automatic"
+                " batching off), so each item of its dataset is already a batch, or a single sample. If the items"
+                " are single samples, pass `batch_size=` to EvalGuard; if they are batches, pass `dataloader=` with a"
+                " clean loader (or define `clean_train_dataloader()`)."
+            )
         raise ValueError(
             "EvalGuard cannot read a batch size from the training DataLoader (it uses a custom batch_sampler)."
             " Pass `batch_size=` to EvalGuard."
         )
     return found
+
+
+def _batching_collate(train_loader: DataLoader[Any]) -> Any:
+    # The training loader's collate_fn; for a loader without automatic batching (batch_size=None) whose collate_fn is
+    # torch's default_convert, torch's default_collate, which batches the single samples the clean loader groups.
+    from torch.utils.data import default_collate, default_convert
+
+    unbatched = train_loader.batch_size is None and train_loader.batch_sampler is None
+    if unbatched and train_loader.collate_fn is default_convert:
+        return default_collate
+    if unbatched:
+        raise ValueError(
+            "EvalGuard groups the samples of a training DataLoader with batch_size=None into batches of `batch_size`,"
+            f" but its collate_fn ({getattr(train_loader.collate_fn, '__name__', train_loader.collate_fn)!r}) was"
+            " written for one sample at a time. Pass `dataloader=` with a clean loader (or define"
+            " `clean_train_dataloader()`)."
+        )
+    return train_loader.collate_fn
 
 
 def rebuild_loader(
@@ -214,7 +239,7 @@ def rebuild_loader(
         The clean DataLoader (``drop_last=False``, no shuffling).
     """
     kwargs: dict[str, Any] = {
-        "collate_fn": train_loader.collate_fn,
+        "collate_fn": _batching_collate(train_loader),
         "num_workers": train_loader.num_workers,
         "pin_memory": train_loader.pin_memory,
         "worker_init_fn": train_loader.worker_init_fn,

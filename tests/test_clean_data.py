@@ -572,3 +572,51 @@ def test_a_user_loader_generator_is_left_as_it_was(tmp_path):
     fit(tmp_path, guard, max_epochs=2, train_dataloaders=loader(TensorData(x, y)))
     assert len(guard.history) == 2
     assert torch.equal(generator.get_state(), state)
+
+
+class WholeBatches(torch.utils.data.Dataset):
+    """Each item is a whole batch of 8 samples: a loader with batch_size=None yields them as they are."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y) // 8
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[8 * index : 8 * index + 8], self.y[8 * index : 8 * index + 8]
+
+
+def test_a_training_loader_without_automatic_batching_says_what_to_pass_before_training(tmp_path):
+    x, y = make_tensors(32)
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES)})
+    with pytest.raises(ValueError, match=r"batch_size=None \(automatic batching off\).*`batch_size=`.*`dataloader=`"):
+        fit(tmp_path, guard, NoTraining("linear"), train_dataloaders=DataLoader(WholeBatches(x, y), batch_size=None))
+
+
+class OneSampleSteps(Classifier):
+    """Trains on one sample per step (a training loader with batch_size=None over single samples)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return super().training_step((x.unsqueeze(0), y.unsqueeze(0)), batch_idx)
+
+
+def test_single_samples_without_automatic_batching_are_batched_with_batch_size(tmp_path):
+    x, y = make_tensors(30)
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")}, batch_size=8)
+    model = OneSampleSteps("linear")
+    fit(tmp_path, guard, model, train_dataloaders=DataLoader(TensorData(x, y), batch_size=None))
+    assert guard.history[-1]["clean"]["acc"] == pytest.approx(accuracy(model, x, y), abs=1e-6)
+
+
+def test_a_per_sample_collate_fn_without_automatic_batching_is_refused_before_training(tmp_path):
+    x, y = make_tensors(16)
+
+    def per_sample(item: Any) -> Any:
+        return item
+
+    train = DataLoader(TensorData(x, y), batch_size=None, collate_fn=per_sample)
+    guard = EvalGuard({"acc": MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")}, batch_size=8)
+    with pytest.raises(ValueError, match=r"batch_size=None.*collate_fn \('per_sample'\).*one sample at a time"):
+        fit(tmp_path, guard, NoTraining("linear"), train_dataloaders=train)
