@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -70,7 +71,7 @@ def difference(first: Any, second: Any, where: str = "batch") -> str | None:
     kernels differ in the last bits, randomness does not stay that close.
 
     Args:
-        first: A batch or output (tensors in tuples, lists, dicts, or other comparable objects).
+        first: A batch or output (tensors in tuples, lists, dicts, dataclasses, or other comparable objects).
         second: The other one.
         where: How to name the root in the description.
 
@@ -105,6 +106,16 @@ def difference(first: Any, second: Any, where: str = "batch") -> str | None:
             return f"{where} differs in length"
         for index, (a, b) in enumerate(zip(first, second, strict=True)):
             found = difference(a, b, f"{where}[{index}]")
+            if found:
+                return found
+        return None
+    if (
+        dataclasses.is_dataclass(first)
+        and not isinstance(first, type)
+        and type(first) is type(second)  # a dataclass batch: compare its fields (its == would compare tensors)
+    ):
+        for item in dataclasses.fields(first):
+            found = difference(getattr(first, item.name), getattr(second, item.name), f"{where}.{item.name}")
             if found:
                 return found
         return None

@@ -200,6 +200,20 @@ def test_difference_describes_the_first_differing_leaf():
     assert difference(a, (torch.zeros(3), {"y": torch.ones(2)})).startswith("batch[0] differs in shape")
 
 
+def test_difference_looks_into_dataclass_batches():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Batch:
+        x: torch.Tensor
+        y: torch.Tensor
+
+    first = Batch(torch.zeros(3), torch.ones(3))
+    assert difference(first, Batch(torch.zeros(3), torch.ones(3))) is None
+    found = difference(first, Batch(torch.tensor([0.0, 0.25, 0.0]), torch.ones(3)))
+    assert found == "batch.x differs (max abs difference 0.25)"  # its == would raise on tensors: it was "the same"
+
+
 def test_stochastic_module_is_none_for_a_deterministic_eval_model():
     model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(), nn.BatchNorm1d(3)).eval()
     x = torch.randn(4, 3)
