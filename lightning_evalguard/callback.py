@@ -443,7 +443,11 @@ class EvalGuard(Callback, _StandaloneCallback):
                 for source in self._data.sources or []
             ]
             stderr = standard_errors(clean, self._accuracies, subsets, self._passes.moments)
-            for name in self._passes.moments.keys() - stderr.keys():
+            totals = {source.name: source.total_samples for source in self._data.sources or []}
+            for name, (count, _, _) in self._passes.moments.items():
+                source_name = next((key for key in totals if key is None or name.startswith(f"{key}/")), None)
+                if round(count) == totals.get(source_name):
+                    continue
                 self._warn_once(
                     f"rows:{name}",
                     f"EvalGuard logs no standard error for {name!r}: its preds did not have one row per sample of the"

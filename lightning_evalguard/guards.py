@@ -64,6 +64,10 @@ AUGMENTATION_FIXES = (
 )
 
 
+#: A dataclass field that was never set (``init=False`` without a default).
+_UNSET: Any = object()
+
+
 def difference(first: Any, second: Any, where: str = "batch") -> str | None:
     """Describe the first place where two nested structures differ, or return None when they are the same.
 
@@ -115,7 +119,10 @@ def difference(first: Any, second: Any, where: str = "batch") -> str | None:
         and type(first) is type(second)  # a dataclass batch: compare its fields (its == would compare tensors)
     ):
         for item in dataclasses.fields(first):
-            found = difference(getattr(first, item.name), getattr(second, item.name), f"{where}.{item.name}")
+            if not item.compare:  # e.g. an id the dataclass itself leaves out of ==
+                continue
+            values = getattr(first, item.name, _UNSET), getattr(second, item.name, _UNSET)
+            found = None if values[0] is _UNSET and values[1] is _UNSET else difference(*values, f"{where}.{item.name}")
             if found:
                 return found
         return None

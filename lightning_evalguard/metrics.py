@@ -240,7 +240,6 @@ _NOT_MEANS = (
     "NegativePredictiveValue",
     "AUROC",
     "JaccardIndex",
-    "Dice",
     "MatthewsCorrCoef",
     "CohenKappa",
     "CalibrationError",
@@ -253,6 +252,10 @@ _NOT_MEANS = (
 )
 
 
+#: Multiclass metrics that, micro-averaged over single-label samples, are a mean over samples.
+_MICRO_MEANS = frozenset({"F1Score", "FBetaScore", "Precision", "Recall", "Specificity"})
+
+
 def _decomposable(metric: Metric, stderr: StderrKind | None) -> bool | None:
     # True: a mean over samples; False: torchmetrics says otherwise; None: not known (then nothing is warned about).
     if stderr is not None:
@@ -261,12 +264,12 @@ def _decomposable(metric: Metric, stderr: StderrKind | None) -> bool | None:
     if not module.startswith("torchmetrics."):
         return None  # a metric of the user's: unknown
     name = type(metric).__name__
-    if name.startswith("Multiclass"):
-        average = getattr(metric, "average", "micro")
+    if name.startswith("Multiclass") and hasattr(metric, "average"):
+        average = metric.average
         if average in ("macro", "weighted"):
             return False  # a mean over classes of per-class ratios
-        if average == "micro":
-            return None  # F1, precision and recall micro-averaged over single-label samples are the accuracy
+        if average == "micro" and name.removeprefix("Multiclass") in _MICRO_MEANS:
+            return None  # micro-averaged over single-label samples: the accuracy (or 1 - a mean), a mean
     if any(part in name for part in _NOT_MEANS):
         return False
     if name == "MeanSquaredError" and not getattr(metric, "squared", True):

@@ -182,6 +182,10 @@ _BATCH_HOOKS = frozenset(
         "on_before_optimizer_step",
         "on_before_zero_grad",
         "optimizer_step",
+        "optimizer_zero_grad",
+        "backward",
+        "clip_gradients",
+        "configure_gradient_clipping",
     }
 )
 

@@ -158,7 +158,7 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def _read(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, dict[str, MetricInfo]]]:
     # The scalars, and per prefix the metric infos EvalGuard wrote as text (``<prefix>/metric_info``).
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 1})  # the last text
     accumulator.Reload()
     scalars = {
         tag: [(int(event.step), float(event.value)) for event in accumulator.Scalars(tag)]
@@ -222,6 +222,17 @@ def parse_scalars(scalars: Mapping[str, Sequence[tuple[int, float]]]) -> tuple[M
     return tuple(metrics)
 
 
+def _info(infos: Mapping[str, Mapping[str, MetricInfo]], metric: MetricLog) -> MetricInfo | None:
+    # The info EvalGuard wrote under the metric's prefix; TensorBoardLogger(prefix="p") logs the scalars as
+    # "p-<prefix>/..." but the text as "<prefix>/metric_info". A vector element "<name>/<i>" takes its metric's.
+    found = infos.get(metric.prefix)
+    if found is None:
+        found = next((value for key, value in infos.items() if metric.prefix.endswith(f"-{key}")), None)
+    if found is None:
+        return None
+    return found.get(metric.name) or found.get(metric.name.rsplit("/", 1)[0])
+
+
 def load_runs(logdir: str | Path) -> list[RunLog]:
     """Read every run under ``logdir`` that holds EvalGuard scalars.
 
@@ -247,9 +258,7 @@ def load_runs(logdir: str | Path) -> list[RunLog]:
     other_tags: dict[str, None] = {}
     for run_dir in run_dirs:
         scalars, infos = _read(run_dir)
-        metrics = tuple(
-            replace(metric, info=infos.get(metric.prefix, {}).get(metric.name)) for metric in parse_scalars(scalars)
-        )
+        metrics = tuple(replace(metric, info=_info(infos, metric)) for metric in parse_scalars(scalars))
         if metrics:
             samples = run_dir / "samples.csv"
             path = run_dir.relative_to(root).as_posix()

@@ -213,6 +213,15 @@ def test_difference_looks_into_dataclass_batches():
     found = difference(first, Batch(torch.tensor([0.0, 0.25, 0.0]), torch.ones(3)))
     assert found == "batch.x differs (max abs difference 0.25)"  # its == would raise on tensors: it was "the same"
 
+    @dataclasses.dataclass
+    class Tagged:
+        x: torch.Tensor
+        uid: int = dataclasses.field(compare=False)  # left out of ==, and so of the comparison
+        cached: torch.Tensor = dataclasses.field(init=False)  # never set
+
+    assert difference(Tagged(torch.zeros(2), 1), Tagged(torch.zeros(2), 2)) is None
+    assert difference(Tagged(torch.zeros(2), 1), Tagged(torch.ones(2), 1)) == "batch.x differs (max abs difference 1)"
+
 
 def test_stochastic_module_is_none_for_a_deterministic_eval_model():
     model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(), nn.BatchNorm1d(3)).eval()

@@ -17,6 +17,7 @@ from torchmetrics import MetricCollection
 from lightning_evalguard import EvalGuard, EvalGuardWarning
 
 from helpers import (
+    NUM_CLASSES,
     Classifier,
     TensorData,
     Validates,
@@ -319,8 +320,12 @@ class LogsMacro(Classifier):
         return torch.nn.functional.cross_entropy(logits, y)
 
 
-def test_a_non_decomposable_running_metric_logged_as_a_tensor_warns_once_with_the_fix(tmp_path):
-    guard = EvalGuard({"macro": macro_accuracy(), "acc": micro_accuracy()})
+@pytest.mark.parametrize("clean", ["macro accuracy", "F1"])
+def test_a_non_decomposable_running_metric_logged_as_a_tensor_warns_once_with_the_fix(tmp_path, clean):
+    from torchmetrics.classification import MulticlassF1Score
+
+    macro = macro_accuracy() if clean == "macro accuracy" else MulticlassF1Score(num_classes=NUM_CLASSES)
+    guard = EvalGuard({"macro": macro, "acc": micro_accuracy()})
     with pytest.warns(EvalGuardWarning, match=r"'train_macro', which was logged as a tensor or number") as record:
         trainer(tmp_path, max_epochs=3, callbacks=[guard]).fit(LogsMacro(as_metric=False), data())
     messages = [str(w.message) for w in record if issubclass(w.category, EvalGuardWarning)]

@@ -264,7 +264,8 @@ def test_the_report_lists_the_suspects_of_a_run_that_tracked_samples_and_draws_i
     assert data_map.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}, {data_map}" in out
 
 
-def test_the_report_words_a_gap_with_the_metric_info_the_fit_wrote(tmp_path, capsys):
+@pytest.mark.parametrize("logger_prefix", ["", "p"])  # TensorBoardLogger(prefix="p") logs "p-evalguard/..."
+def test_the_report_words_a_gap_with_the_metric_info_the_fit_wrote(tmp_path, capsys, logger_prefix):
     from lightning.pytorch.loggers import TensorBoardLogger
     from torchmetrics.regression import MeanSquaredError
 
@@ -280,13 +281,13 @@ def test_the_report_words_a_gap_with_the_metric_info_the_fit_wrote(tmp_path, cap
 
     x, y = make_tensors(40)
     guard = EvalGuard({"mse": MeanSquaredError()}, forward=small, print_summary=False)
-    logger = TensorBoardLogger(tmp_path, name="run")
+    logger = TensorBoardLogger(tmp_path, name="run", prefix=logger_prefix)
     trainer(tmp_path, max_epochs=2, callbacks=[guard], logger=logger).fit(LogsMSE("both"), loader(TensorData(x, y)))
     assert main(["report", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     last = guard.history[-1]
     assert 0.0 < last["clean"]["mse"] < 1.0
-    (line,) = [line for line in out.splitlines() if line.startswith("reading at epoch 1")]
+    (line,) = [line for line in out.splitlines() if line.startswith("reading at ")]  # epoch, or step with a prefix
     assert "points" not in line and "the error by" in line
     assert line.endswith(reading("mse", f32(last["running"]["mse"]), f32(last["clean"]["mse"]), info=guard_info()))
 

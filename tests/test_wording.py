@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+from torchmetrics import classification
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import MeanAbsolutePercentageError, MeanSquaredError, R2Score
 
@@ -78,3 +80,35 @@ def test_the_end_of_fit_summary_words_a_subset_gap_against_its_standard_error(tm
 
 def test_a_nan_value_reads_as_no_gap():
     assert reading("acc", float("nan"), 0.8, info=ACCURACY) == "running acc is - and clean acc 0.8000: no gap to read."
+
+
+@pytest.mark.parametrize(
+    ("make", "decomposable"),
+    [
+        (lambda: MulticlassAccuracy(num_classes=3, average="micro"), True),
+        (lambda: MulticlassAccuracy(num_classes=3, average="macro"), False),
+        (lambda: classification.MulticlassF1Score(num_classes=3), False),  # macro by default
+        (lambda: classification.MulticlassF1Score(num_classes=3, average="weighted"), False),
+        (lambda: classification.MulticlassF1Score(num_classes=3, average="micro"), None),  # the accuracy: a mean
+        (lambda: classification.MulticlassPrecision(num_classes=3, average="micro"), None),
+        (lambda: classification.MulticlassJaccardIndex(num_classes=3, average="micro"), False),  # not a mean
+        (lambda: classification.MulticlassMatthewsCorrCoef(num_classes=3), False),
+        (lambda: classification.MulticlassCohenKappa(num_classes=3), False),
+        (lambda: classification.MulticlassAUROC(num_classes=3), False),
+        (lambda: classification.BinaryF1Score(), False),
+        (lambda: classification.BinaryPrecision(), False),
+        (lambda: classification.BinaryRecall(), False),
+        (lambda: classification.BinaryAUROC(), False),
+        (lambda: classification.BinaryAveragePrecision(), False),
+        (lambda: classification.MultilabelF1Score(num_labels=3), False),
+        (lambda: classification.BinaryAccuracy(), True),
+        (lambda: classification.MultilabelAccuracy(num_labels=3, average="micro"), None),  # a mean: not judged
+        (lambda: classification.MulticlassExactMatch(num_classes=3), None),
+        (lambda: MeanSquaredError(), True),
+        (lambda: MeanSquaredError(squared=False), False),
+        (lambda: MeanAbsolutePercentageError(), True),
+        (lambda: R2Score(), False),
+    ],
+)
+def test_which_torchmetrics_metrics_are_means_over_samples(make, decomposable):
+    assert metric_info(make()).decomposable is decomposable
