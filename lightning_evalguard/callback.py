@@ -25,7 +25,14 @@ from lightning_evalguard.isolation import isolated_rng
 from lightning_evalguard.metrics import MetricInfo, collection_keys, join_key, metric_infos, micro_accuracy_names
 from lightning_evalguard.passes import Measured, Passes, PassKind, check_decomposable, check_trackable
 from lightning_evalguard.reference import References
-from lightning_evalguard.results import Decomposition, Subset, history_entry, result_groups, standard_errors
+from lightning_evalguard.results import (
+    Decomposition,
+    Subset,
+    history_entry,
+    result_groups,
+    rowless_moments,
+    standard_errors,
+)
 from lightning_evalguard.samples import SampleStats, SampleTracker, draw_data_map, summary_line
 from lightning_evalguard.sampling import AutoSubset
 from lightning_evalguard.sources import CleanData, SourceOptions
@@ -443,11 +450,7 @@ class EvalGuard(Callback, _StandaloneCallback):
                 for source in self._data.sources or []
             ]
             stderr = standard_errors(clean, self._accuracies, subsets, self._passes.moments)
-            totals = {source.name: source.total_samples for source in self._data.sources or []}
-            for name, (count, _, _) in self._passes.moments.items():
-                source_name = next((key for key in totals if key is None or name.startswith(f"{key}/")), None)
-                if round(count) == totals.get(source_name):
-                    continue
+            for name in rowless_moments(self._passes.moments, subsets):
                 self._warn_once(
                     f"rows:{name}",
                     f"EvalGuard logs no standard error for {name!r}: its preds did not have one row per sample of the"

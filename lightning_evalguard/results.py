@@ -17,6 +17,7 @@ __all__ = [
     "history_entry",
     "mean_stderr",
     "result_groups",
+    "rowless_moments",
     "standard_errors",
 ]
 
@@ -160,13 +161,39 @@ def standard_errors(
             if key in clean and not math.isnan(clean[key]):
                 stderr[key] = accuracy_stderr(clean[key], subset.total_samples, subset.population)
         for key, (count, total, squares) in moments.items():
-            if key not in clean or not (subset.name is None or key.startswith(f"{subset.name}/")):
+            if key not in clean or not _belongs(key, subset):
                 continue
             if round(count) == subset.total_samples:  # else the preds' rows are not the samples (e.g. flattened)
                 value = mean_stderr(count, total, squares, subset.population)
                 if value is not None:
                     stderr[key] = value
     return stderr
+
+
+def _belongs(key: str, subset: Subset) -> bool:
+    # Whether a logged name (``<loader>/<metric>`` with several loaders) was measured on this source.
+    return subset.name is None or key.startswith(f"{subset.name}/")
+
+
+def rowless_moments(moments: Mapping[str, tuple[float, float, float]], subsets: Iterable[Subset]) -> list[str]:
+    """The mean-of-samples metrics whose per-sample values were not one per sample of their random subset.
+
+    Their preds had more or fewer rows than the subset has samples (a ``forward`` that flattens them), so the spread
+    of their values is not the samples' and :func:`standard_errors` gives them none.
+
+    Args:
+        moments: ``(count, sum, sum of squares)`` by logged name, as for :func:`standard_errors`.
+        subsets: One entry per clean source.
+
+    Returns:
+        Their logged names.
+    """
+    sampled = [subset for subset in subsets if subset.sampled and subset.total_samples]
+    return [
+        key
+        for key, (count, _, _) in moments.items()
+        if any(_belongs(key, subset) and round(count) != subset.total_samples for subset in sampled)
+    ]
 
 
 def result_groups(

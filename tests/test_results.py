@@ -15,6 +15,7 @@ from lightning_evalguard.results import (
     history_entry,
     mean_stderr,
     result_groups,
+    rowless_moments,
     standard_errors,
 )
 
@@ -91,3 +92,9 @@ def test_a_history_entry_holds_every_group_as_a_new_dict():
     assert (entry["epoch"], entry["step"], entry["validation"], entry["time"]) == (3, 120, {"acc": 0.7}, groups["time"])
     entry["clean"]["acc"] = 0.0
     assert groups["clean"]["acc"] == 0.9
+
+
+def test_rowless_moments_are_those_whose_count_is_not_the_subsets_samples():
+    moments = {"a/mse": (10.0, 1.0, 1.0), "b/mse": (14.0, 1.0, 1.0), "c/mse": (3.0, 1.0, 1.0)}
+    subsets = [Subset("a", 10, True, 20), Subset("b", 7, True, 20), Subset("c", 5, False, 5)]
+    assert rowless_moments(moments, subsets) == ["b/mse"]  # 14 rows for 7 samples; c is a whole pass
